@@ -1,0 +1,146 @@
+"""``adafuse::lora_moe_linear``: a frozen linear plus its chosen LoRA experts, in one op.
+
+``y = x W^T + b + scale * sum_k g[:, k] * (x A[idx[:, k]]^T) B[idx[:, k]]^T``
+
+(definition and shape conventions: :mod:`adafuse_compile.kernels.reference`). Eager MoLE code
+spends ~70 small ops per adapted linear on this (MEASUREMENTS.md: ~300 us of dispatch per linear
+on the 2-core CPU); here it is one dispatcher call with a handful of large ops inside.
+
+Implementations:
+
+- CPU (and any device without a dedicated kernel): gathers the chosen experts and runs two
+  ``bmm`` when few (token, expert) pairs are needed, or runs every expert densely when the batch
+  covers them anyway. The switch point is measured, see ``_DENSE_MIN_PAIRS_PER_EXPERT``.
+- CUDA: the Triton kernels of :mod:`adafuse_compile.kernels.lora_moe_linear_triton`.
+- Fake (meta): shape inference for Dynamo, AOTAutograd and Inductor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lora_moe_linear", "check_lora_moe_args"]
+
+# Gathering copies k*(r*in + out*r) expert values per token; running every expert densely reads
+# each expert once per call but does E/k times the FLOPs. The dense path wins once the batch asks
+# for about as many (token, expert) pairs as there are experts. Measured on the 2-core CPU
+# (in=out=1024, r=8, E=8, k=2, fp32, benchmarks/bench_ops.py): T=1 gather 23 us vs dense 37 us;
+# T=4 gather 43 us vs dense 45 us; T=8 gather 78 us vs dense 52 us (without the base linear).
+_DENSE_MIN_PAIRS_PER_EXPERT = 1.0
+
+
+def check_lora_moe_args(x, weight, bias, A, B, idx, g) -> None:
+    """Validate shapes and dtypes; works on fake tensors with symbolic shapes.
+
+    Raises ``RuntimeError`` (via ``torch._check``) naming the offending argument, so bad input
+    fails where it enters instead of deep inside a kernel.
+    """
+    torch._check(x.dim() == 2, lambda: f"x must be [T, in], got shape {tuple(x.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be [out, in], got {tuple(weight.shape)}")
+    torch._check(A.dim() == 3, lambda: f"A must be [E or 1, r, in], got {tuple(A.shape)}")
+    torch._check(B.dim() == 3, lambda: f"B must be [E, out, r], got {tuple(B.shape)}")
+    torch._check(idx.dim() == 2, lambda: f"idx must be [T, k], got {tuple(idx.shape)}")
+    torch._check(g.shape == idx.shape, lambda: f"g {tuple(g.shape)} must match idx {tuple(idx.shape)}")
+    out_f, in_f = weight.shape
+    E, r = B.shape[0], B.shape[2]
+    torch._check(x.shape[1] == in_f, lambda: f"x has {x.shape[1]} features, weight expects {in_f}")
+    torch._check(A.shape[2] == in_f, lambda: f"A has {A.shape[2]} input features, weight {in_f}")
+    torch._check(B.shape[1] == out_f, lambda: f"B has {B.shape[1]} outputs, weight {out_f}")
+    torch._check(A.shape[1] == r, lambda: f"A rank {A.shape[1]} != B rank {r}")
+    torch._check(A.shape[0] == E or A.shape[0] == 1, lambda: f"A has {A.shape[0]} experts, B {E}")
+    torch._check(idx.shape[0] == x.shape[0], lambda: f"idx has {idx.shape[0]} tokens, x {x.shape[0]}")
+    torch._check(idx.dtype == torch.int64, lambda: f"idx must be int64, got {idx.dtype}")
+    torch._check(g.is_floating_point(), lambda: f"g must be floating point, got {g.dtype}")
+    for name, t in (("weight", weight), ("A", A), ("B", B)):
+        torch._check(t.dtype == x.dtype, lambda: f"{name} is {t.dtype} but x is {x.dtype}")
+    if bias is not None:
+        torch._check(bias.shape == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}")
+        torch._check(bias.dtype == x.dtype, lambda: f"bias is {bias.dtype} but x is {x.dtype}")
+
+
+@torch.library.custom_op("adafuse::lora_moe_linear", mutates_args=())
+def _lora_moe_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    idx: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    check_lora_moe_args(x, weight, bias, A, B, idx, g)
+    y = F.linear(x, weight, bias)
+    T, k = idx.shape
+    if T == 0 or k == 0 or scale == 0.0:
+        return y
+    gs = g.to(x.dtype) * scale  # [T, k]
+    E = B.shape[0]
+    if T * k >= _DENSE_MIN_PAIRS_PER_EXPERT * E:
+        return _add_experts_dense(y, x, A, B, idx, gs)
+    return _add_experts_gathered(y, x, A, B, idx, gs)
+
+
+def _add_experts_gathered(y, x, A, B, idx, gs):
+    """Few (token, expert) pairs: gather exactly the chosen experts, two ``bmm``."""
+    T, k = idx.shape
+    r = B.shape[2]
+    flat = idx.reshape(-1)
+    if A.shape[0] == 1:  # shared A (HydraLoRA): one shrink, weights per chosen B
+        h = (x @ A[0].T).unsqueeze(1) * gs.unsqueeze(-1)  # [T, k, r]
+    else:
+        A_sel = A.index_select(0, flat).view(T, k * r, -1)  # [T, k*r, in]
+        h = torch.bmm(A_sel, x.unsqueeze(-1)).view(T, k, r) * gs.unsqueeze(-1)
+    B_sel = B.index_select(0, flat)  # [T*k, out, r]
+    delta = torch.bmm(B_sel, h.reshape(T * k, r, 1)).view(T, k, -1).sum(1)
+    return y.add_(delta)
+
+
+def _add_experts_dense(y, x, A, B, idx, gs):
+    """Many pairs: run every expert once and weight the unchosen ones by zero."""
+    T = x.shape[0]
+    E, out_f, r = B.shape
+    dense_g = torch.zeros(T, E, dtype=gs.dtype, device=gs.device).scatter_add_(1, idx, gs)
+    if A.shape[0] == 1:
+        h = (x @ A[0].T).unsqueeze(1) * dense_g.unsqueeze(-1)  # [T, E, r]
+    else:
+        h = (x @ A.reshape(E * r, -1).T).view(T, E, r) * dense_g.unsqueeze(-1)
+    B_t = B.transpose(1, 2).reshape(E * r, out_f)  # [E*r, out]
+    return y.addmm_(h.reshape(T, E * r), B_t)
+
+
+@_lora_moe_linear_op.register_fake
+def _(x, weight, bias, A, B, idx, g, scale):
+    check_lora_moe_args(x, weight, bias, A, B, idx, g)
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@_lora_moe_linear_op.register_kernel("cuda")
+def _(x, weight, bias, A, B, idx, g, scale):
+    check_lora_moe_args(x, weight, bias, A, B, idx, g)
+    from .lora_moe_linear_triton import lora_moe_linear_triton  # imports triton only on GPU
+
+    return lora_moe_linear_triton(x, weight, bias, A, B, idx, g, scale)
+
+
+def lora_moe_linear(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor:
+    """The fused adapter linear for ``x [..., in]`` and ``idx, g [..., k]``.
+
+    Flattens the leading (token) dimensions, calls ``torch.ops.adafuse.lora_moe_linear``, and
+    restores them: ``[..., out]``.
+    """
+    lead = x.shape[:-1]
+    if idx.shape[:-1] != lead:
+        raise ValueError(f"idx leading shape {tuple(idx.shape[:-1])} must match x's {tuple(lead)}")
+    y = _lora_moe_linear_op(
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        A,
+        B,
+        idx.reshape(-1, idx.shape[-1]),
+        g.reshape(-1, g.shape[-1]),
+        float(scale),
+    )
+    return y.view(*lead, weight.shape[0])

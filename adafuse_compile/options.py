@@ -1,0 +1,50 @@
+"""The backend's options: one flat, validated dict parsed once into :class:`AdafuseOptions`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+__all__ = ["AdafuseOptions", "INNER_COMPILERS"]
+
+INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdafuseOptions:
+    """Options of ``torch.compile(model, backend="adafuse", options={...})``.
+
+    Attributes:
+        inner: compiler for the graph after the adafuse passes: ``"inductor"`` (default),
+            ``"eager"`` (run the rewritten FX graph as is; cheap, for tests) or ``"aot_eager"``.
+        strict: if a pass raises, raise instead of warning and compiling the unrewritten graph.
+    """
+
+    inner: str = "inductor"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {self.inner!r}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "AdafuseOptions":
+        """Parse user options; unknown keys and wrong types raise ``ValueError`` naming the valid ones."""
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"adafuse options must be a dict, got {type(options).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            valid = ", ".join(f"{n} ({fields[n].type})" for n in fields)
+            raise ValueError(f"unknown adafuse option(s) {unknown}; valid options: {valid}")
+        for name, value in options.items():
+            expected = type(getattr(cls(), name))
+            if type(value) is not expected:
+                raise ValueError(
+                    f"adafuse option {name!r} must be {expected.__name__}, got {type(value).__name__}"
+                )
+        return cls(**options)

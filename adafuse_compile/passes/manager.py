@@ -1,0 +1,66 @@
+"""Ordering and running of graph passes, with the logging and fallback every pass shares."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+
+import torch.fx
+
+log = logging.getLogger("adafuse_compile")
+
+# ADAFUSE_DUMP_GRAPHS=1 logs the graph before and after each pass (at INFO).
+_DUMP_ENV = "ADAFUSE_DUMP_GRAPHS"
+
+
+class GraphPass:
+    """One rewrite of an FX graph. Subclasses implement :meth:`__call__` and mutate ``gm`` in place."""
+
+    name: str = "pass"
+
+    def __call__(self, gm: torch.fx.GraphModule) -> None:
+        raise NotImplementedError
+
+    def uuid(self) -> str:
+        """Hash of the pass's source, so compiled-graph caches invalidate when the pass changes."""
+        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
+
+
+class PassManager:
+    """Runs passes in order. A failing pass leaves the graph as it was before that pass."""
+
+    def __init__(self, passes: list[GraphPass], *, strict: bool = False) -> None:
+        self.passes = list(passes)
+        self.strict = strict
+
+    def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        dump = os.environ.get(_DUMP_ENV, "") not in ("", "0")
+        for p in self.passes:
+            if dump:
+                log.info("graph before %s:\n%s", p.name, gm.graph)
+            backup = _copy_graph(gm)
+            try:
+                p(gm)
+                gm.graph.lint()
+                gm.recompile()
+            except Exception:
+                if self.strict:
+                    raise
+                log.warning("adafuse pass %s failed; continuing without it", p.name, exc_info=True)
+                gm.graph = backup
+                gm.recompile()
+            if dump:
+                log.info("graph after %s:\n%s", p.name, gm.graph)
+        return gm
+
+    def uuid(self) -> str:
+        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()
+
+
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    graph = torch.fx.Graph(owning_module=gm)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
