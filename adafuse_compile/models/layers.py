@@ -104,7 +104,7 @@ class MoLELinearBase(nn.Module):
         top_p: float = 0.75,
         entropy_threshold: float | None = None,
         seed: int = 0,
-        init_ratio: float = 0.3,
+        init_ratio: float = 0.2,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -215,7 +215,7 @@ class LoRAMoELinear(MoLELinearBase):
         top_p: float = 0.75,
         entropy_threshold: float | None = None,
         seed: int = 0,
-        init_ratio: float = 0.3,
+        init_ratio: float = 0.2,
         router_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
@@ -321,7 +321,7 @@ class PreGatedLoRAMoELinear(MoLELinearBase):
         alpha: float = 16.0,
         shared_A: bool = False,
         seed: int = 0,
-        init_ratio: float = 0.3,
+        init_ratio: float = 0.2,
     ) -> None:
         if not isinstance(pregate, PreGate):
             raise TypeError(f"pregate must be a PreGate, got {type(pregate).__name__}")

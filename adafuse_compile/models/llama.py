@@ -140,7 +140,7 @@ def add_lora_moe(
     top_p: float = 0.75,
     entropy_threshold: float | None = None,
     router_dtype: torch.dtype = torch.float32,
-    init_ratio: float = 0.3,
+    init_ratio: float = 0.2,
     freeze_base: bool = True,
 ) -> nn.Module:
     """Wrap every target ``nn.Linear`` in place in a :class:`LoRAMoELinear` with its own router.
@@ -207,7 +207,7 @@ def add_pregated_lora_moe(
     top_p: float = 0.75,
     entropy_threshold: float | None = None,
     router_dtype: torch.dtype = torch.float32,
-    init_ratio: float = 0.3,
+    init_ratio: float = 0.2,
     normalize: bool = True,
     freeze_base: bool = True,
 ) -> nn.Module:
