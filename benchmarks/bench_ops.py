@@ -1,0 +1,117 @@
+"""Micro-benchmark of the fused adapter op on CPU against the eager per-expert loops.
+
+One adapted linear (hidden 1024 -> 1024 by default, E=8, k=2, r=8, fp32), tokens T per call.
+Configurations run interleaved in one process (round-robin, median of per-round medians), as
+MEASUREMENTS.md prescribes for this noisy machine; ratios are to the plain base linear.
+
+    python benchmarks/bench_ops.py [--tokens 1,8] [--hidden 1024] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from adafuse_compile.kernels import lora_moe_linear
+
+op_module = importlib.import_module("adafuse_compile.kernels.lora_moe_linear")
+
+
+def eager_mixlora(x, W, b, A, B, idx, g, scale):
+    """MixLoRA-style dispatch: per expert, find its tokens with torch.where, index_add_ the result."""
+    y = F.linear(x, W, b)
+    for e in range(B.shape[0]):
+        tok, slot = torch.where(idx == e)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        ye = F.linear(F.linear(xe, A[e]), B[e]) * (g[tok, slot].unsqueeze(-1) * scale)
+        y.index_add_(0, tok, ye)
+    return y
+
+
+def eager_mola(x, W, b, A, B, idx, g, scale):
+    """MoLA-style masked loop: every expert runs on every token, weighted by its gate (0 if unchosen)."""
+    y = F.linear(x, W, b)
+    for e in range(B.shape[0]):
+        w = (g * (idx == e)).sum(-1, keepdim=True)
+        y = y + F.linear(F.linear(x, A[e]), B[e]) * w * scale
+    return y
+
+
+def _with_threshold(threshold):
+    def run(*args):
+        saved = op_module._DENSE_MIN_PAIRS_PER_EXPERT
+        op_module._DENSE_MIN_PAIRS_PER_EXPERT = threshold
+        try:
+            return lora_moe_linear(*args)
+        finally:
+            op_module._DENSE_MIN_PAIRS_PER_EXPERT = saved
+
+    return run
+
+
+def interleaved(fns, args, rounds, reps):
+    """Median over rounds of the per-round median time (seconds) of each fn; fns alternate."""
+    for fn in fns.values():  # warm up
+        for _ in range(3):
+            fn(*args)
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(*args)
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times))
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--out", type=int, default=None)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    n_in, n_out, E, k, r = a.hidden, a.out or a.hidden, a.experts, a.top_k, a.rank
+    W, b = torch.randn(n_out, n_in) / n_in**0.5, torch.randn(n_out)
+    A, B = torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"in={n_in} out={n_out} E={E} k={k} r={r}; median of {a.rounds} interleaved rounds x {a.reps}")
+    print(f"{'T':>3} {'config':<22} {'us/call':>9} {'vs base':>8}")
+    with torch.inference_mode():
+        for T in (int(t) for t in a.tokens.split(",")):
+            x = torch.randn(T, n_in)
+            idx = torch.argsort(torch.rand(T, E), 1)[:, :k].contiguous()
+            g = torch.softmax(torch.randn(T, k), -1)
+            args = (x, W, b, A, B, idx, g, 2.0)
+            fns = {
+                "base linear only": lambda x, W, b, *_: F.linear(x, W, b),
+                "fused op (auto)": lora_moe_linear,
+                "fused op, gathered": _with_threshold(float("inf")),
+                "fused op, dense": _with_threshold(0.0),
+                "eager MixLoRA loop": eager_mixlora,
+                "eager MoLA masked loop": eager_mola,
+            }
+            ref = eager_mixlora(*args)
+            for name in ("fused op (auto)", "eager MoLA masked loop"):
+                torch.testing.assert_close(fns[name](*args), ref, rtol=1e-4, atol=1e-4)
+            res = interleaved(fns, args, a.rounds, a.reps)
+            for name, t in res.items():
+                print(f"{T:>3} {name:<22} {t * 1e6:>9.1f} {t / res['base linear only']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The adafuse backend: registration, options, inner compilers, and pass-failure fallback."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import adafuse_compile
+from adafuse_compile import AdafuseOptions
+from adafuse_compile.backend import adafuse_backend
+from adafuse_compile.passes import GraphPass, PassManager
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 7)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) * 2
+
+
+def test_backend_name_works_without_importing_the_package():
+    """The torch_dynamo_backends entry point makes backend="adafuse" work after pip install."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        m = torch.nn.Linear(4, 3)
+        f = torch.compile(m, backend="adafuse", options={"inner": "eager"})
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(f(x), m(x))
+        assert "adafuse_compile" in sys.modules  # loaded lazily by Dynamo through the entry point
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_import_then_compile_does_not_trip_duplicate_registration():
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    assert "adafuse" in list_backends()
+    assert lookup_backend("adafuse") is adafuse_backend
+    adafuse_compile._register_backend_without_entry_point()  # idempotent
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_inner_compilers_give_eager_results(inner):
+    torch._dynamo.reset()
+    m = TinyNet()
+    x = torch.randn(5, 12)
+    f = torch.compile(m, backend="adafuse", options={"inner": inner})
+    torch.testing.assert_close(f(x), m(x))
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"inner": "tvm"}, "inner.*must be one of"),
+        ({"inenr": "eager"}, r"unknown adafuse option.*inenr.*valid options: inner .*strict"),
+        ({"strict": "yes"}, "strict.*must be bool"),
+        (["inner"], "must be a dict"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_valid_keys(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdafuseOptions.from_dict(options)
+
+
+def test_bad_options_surface_through_torch_compile():
+    torch._dynamo.reset()
+    f = torch.compile(TinyNet(), backend="adafuse", options={"bogus": 1})
+    with pytest.raises(Exception, match="unknown adafuse option"):
+        f(torch.randn(2, 12))
+
+
+class ExplodingPass(GraphPass):
+    """Half-rewrites the graph, then fails: the manager must restore the graph."""
+
+    name = "exploding"
+
+    def __call__(self, gm):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.relu:
+                node.target = torch.sigmoid
+        raise RuntimeError("boom")
+
+
+def _traced():
+    return torch.fx.symbolic_trace(TinyNet())
+
+
+def test_failing_pass_warns_and_leaves_graph_unchanged(caplog):
+    gm = _traced()
+    before = str(gm.graph)
+    x = torch.randn(3, 12)
+    expected = gm(x)
+    with caplog.at_level(logging.WARNING, logger="adafuse_compile"):
+        PassManager([ExplodingPass()])(gm)
+    assert str(gm.graph) == before
+    torch.testing.assert_close(gm(x), expected)
+    assert any("exploding" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_failing_pass_raises_when_strict():
+    with pytest.raises(RuntimeError, match="boom"):
+        PassManager([ExplodingPass()], strict=True)(_traced())
+
+
+def test_pass_uuid_changes_with_pass_source():
+    class A(GraphPass):
+        def __call__(self, gm):
+            pass
+
+    class B(GraphPass):
+        def __call__(self, gm):
+            gm.graph.lint()
+
+    assert A().uuid() != B().uuid()
+    assert PassManager([A()]).uuid() != PassManager([B()]).uuid()
+
+
+@pytest.mark.slow
+def test_inductor_is_the_default_inner_compiler():
+    torch._dynamo.reset()
+    m = TinyNet()
+    x = torch.randn(5, 12)
+    f = torch.compile(m, backend="adafuse")
+    torch.testing.assert_close(f(x), m(x))
