@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -396,15 +395,21 @@ def test_pregated_one_layer_equals_manual_computation():
     assert logits.shape == (1, 5, VOCAB)
 
 
-def test_inputs_embeds_and_stale_decisions(pregated):
+@pytest.mark.parametrize("copied", [False, True])
+def test_inputs_embeds_and_stale_decisions(pregated, copied):
+    model = copy.deepcopy(pregated) if copied else pregated
+    if copied:  # the copy's sites and hook must follow the copy's PreGate
+        with torch.no_grad():
+            find_pregate(model).router.weight.mul_(-1)
+        assert all(model.get_submodule(n).pregate is find_pregate(model) for n in adapter_sites(model))
     ids = _ids(seed=4)
     other = _ids(seed=5)
-    emb = pregated.get_input_embeddings()
+    emb = model.get_input_embeddings()
     with torch.no_grad():
-        by_ids = pregated(ids).logits
-        pregated(other)  # leaves the other batch's decision behind
+        by_ids = model(ids).logits
+        model(other)  # leaves the other batch's decision behind
         embeds = F.embedding(ids, emb.weight)  # not emb(ids): that would decide for ids itself
-        by_embeds = pregated(inputs_embeds=embeds).logits
+        by_embeds = model(inputs_embeds=embeds).logits
     torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=0)
 
 

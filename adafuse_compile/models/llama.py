@@ -168,29 +168,36 @@ def _embedding_path(model: nn.Module) -> str:
     raise ValueError("cannot find the model's token embedding (get_input_embeddings / embed_tokens)")
 
 
-def _install_inputs_embeds_hook(backbone: nn.Module, pregate: PreGate):
-    """Keep the decision right when the embedding is bypassed, and never stale.
+class _InputsEmbedsHook:
+    """Backbone forward pre-hook: keep the decision right when the embedding is bypassed.
 
     The backbone's forward gets ``input_ids`` (then the PreGatedEmbedding decides) or
     ``inputs_embeds`` (then the embedding never runs, so this hook decides from them). Resetting
-    first means a layer never silently reuses the previous forward's decision.
+    first means a layer never silently reuses the previous forward's decision. An object, not a
+    closure, so that ``copy.deepcopy(model)`` gives the copy's hook the copy's PreGate.
     """
+
+    def __init__(self, pregate: PreGate, position: int | None) -> None:
+        self.pregate = pregate
+        self.position = position
+
+    def __call__(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None and self.position is not None and len(args) > self.position:
+            embeds = args[self.position]
+        if embeds is None:
+            self.pregate.reset()
+        else:
+            self.pregate(embeds)
+        return None
+
+
+def _install_inputs_embeds_hook(backbone: nn.Module, pregate: PreGate):
     try:
         pos = list(inspect.signature(backbone.forward).parameters).index("inputs_embeds")
     except ValueError:
         pos = None
-
-    def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None and pos is not None and len(args) > pos:
-            embeds = args[pos]
-        if embeds is None:
-            pregate.reset()
-        else:
-            pregate(embeds)
-        return None
-
-    return backbone.register_forward_pre_hook(hook, with_kwargs=True)
+    return backbone.register_forward_pre_hook(_InputsEmbedsHook(pregate, pos), with_kwargs=True)
 
 
 def add_pregated_lora_moe(
