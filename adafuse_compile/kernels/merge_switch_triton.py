@@ -26,7 +26,6 @@ Design:
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -113,6 +112,11 @@ def _merge_kernel(
     )
     out = src.to(tl.float32) + scale * acc
     tl.store(w_ptr + offs_o[:, None] * stride_w0 + offs_i[None, :] * stride_w1, out.to(DTYPE), mask=tile_mask)
+
+
+# Whether triton.jit gave us the interpreter (TRITON_INTERPRET set before triton was imported):
+# asked of the kernel itself rather than re-parsing the environment variable.
+_INTERPRETED = type(_merge_kernel).__name__ == "InterpretedFunction"
 
 
 def _block_sizes(max_out: int, max_in: int, max_r: int) -> tuple[int, int, int]:
@@ -230,7 +234,7 @@ def _launch(dtype, sites, weights, sources, As, Bs, scales, expert_ids, coefs, d
     # (triton-lang/triton#11584, "not supported yet"). Under it, bf16 operands go to float32
     # first: exact (a bf16 product is exact in float32), so the result matches the GPU's bf16
     # tensor-core dot with float32 accumulation. On the GPU the native bf16 dot is kept.
-    upcast = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    upcast = dtype == torch.bfloat16 and _INTERPRETED
     ptr_tab = torch.tensor(ptr_rows, dtype=torch.int64, device=device)  # [N, 4]
     dim_tab = torch.tensor(dim_rows, dtype=torch.int64, device=device)  # [N, _NDIMS]
     scale_tab = torch.tensor(scale_row, dtype=torch.float32, device=device)  # [N]
