@@ -8,9 +8,13 @@ on the 2-core CPU); here it is one dispatcher call with a handful of large ops i
 
 Implementations:
 
-- CPU (and any device without a dedicated kernel): gathers the chosen experts and runs two
-  ``bmm`` when few (token, expert) pairs are needed, or runs every expert densely when the batch
-  covers them anyway. The switch point is measured, see ``_DENSE_MIN_PAIRS_PER_EXPERT``.
+- CPU: ``csrc/lora_moe_linear_cpu.cpp``, one dispatcher call: the base linear through ATen, the
+  chosen experts of each token in loops over their rows (built on first use,
+  :mod:`.cpu_extension`).
+- Any device without a dedicated kernel, and CPU when the C++ kernel cannot be built:
+  :func:`lora_moe_linear_torch`, which gathers the chosen experts and runs two ``bmm`` when few
+  (token, expert) pairs are needed, or runs every expert densely when the batch covers them
+  anyway. The switch point is measured, see ``_DENSE_MIN_PAIRS_PER_EXPERT``.
 - CUDA: the Triton kernels of :mod:`adafuse_compile.kernels.lora_moe_linear_triton`.
 - Fake (meta): shape inference for Dynamo, AOTAutograd and Inductor.
 """
@@ -20,13 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_extension import load_cpu_kernels
+
 __all__ = ["lora_moe_linear", "check_lora_moe_args"]
 
-# Gathering copies k*(r*in + out*r) expert values per token; running every expert densely reads
-# each expert once per call but does E/k times the FLOPs. The dense path wins once the batch asks
-# for about as many (token, expert) pairs as there are experts. Measured on the 2-core CPU
-# (in=out=1024, r=8, E=8, k=2, fp32, benchmarks/bench_ops.py): T=1 gather 23 us vs dense 37 us;
-# T=4 gather 43 us vs dense 45 us; T=8 gather 78 us vs dense 52 us (without the base linear).
+# Pure-torch path: gathering copies k*(r*in + out*r) expert values per token; running every
+# expert densely reads each expert once per call but does E/k times the FLOPs. Measured on the
+# 2-core CPU (in=out=1024, E=8, k=2, r=8, fp32, whole op incl. the base linear, bench_ops.py):
+# T=1 gathered 251 vs dense 299 us; T=4 728 vs 728; T=8 911 vs 776; T=16 1352 vs 922. So dense
+# from about one (token, expert) pair per expert.
 _DENSE_MIN_PAIRS_PER_EXPERT = 1.0
 
 
@@ -77,12 +83,23 @@ def _lora_moe_linear_op(
     g: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    # The first CPU call loads the C++ kernel, which registers for the CPU key and serves every
+    # later call; this call (and every call if it cannot be built) takes the pure-torch path.
+    if x.device.type == "cpu":
+        load_cpu_kernels()
+    return lora_moe_linear_torch(x, weight, bias, A, B, idx, g, scale)
+
+
+def lora_moe_linear_torch(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor:
+    """The op in ATen calls: the portable fallback of the C++ and Triton kernels."""
     check_lora_moe_args(x, weight, bias, A, B, idx, g, _raise_unless)
     y = F.linear(x, weight, bias)
     T, k = idx.shape
     if T == 0 or k == 0 or scale == 0.0:
         return y
-    gs = g.to(x.dtype) * scale  # [T, k]
+    gs = g * scale  # [T, k]; each tensor op costs ~3-4 us here, so convert only when needed
+    if gs.dtype != x.dtype:
+        gs = gs.to(x.dtype)
     E = B.shape[0]
     if T * k >= _DENSE_MIN_PAIRS_PER_EXPERT * E:
         return _add_experts_dense(y, x, A, B, idx, gs)
@@ -137,6 +154,8 @@ def lora_moe_linear(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor
     Flattens the leading (token) dimensions, calls ``torch.ops.adafuse.lora_moe_linear``, and
     restores them: ``[..., out]``.
     """
+    if x.dim() == 2 and idx.dim() == 2:  # already [T, in]: skip the reshapes (~3 us each)
+        return torch.ops.adafuse.lora_moe_linear.default(x, weight, bias, A, B, idx, g, float(scale))
     lead = x.shape[:-1]
     if idx.shape[:-1] != lead:
         raise ValueError(f"idx leading shape {tuple(idx.shape[:-1])} must match x's {tuple(lead)}")
