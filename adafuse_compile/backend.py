@@ -47,9 +47,8 @@ def adafuse_backend(
     opts = AdafuseOptions.from_dict(options)
     gm = build_pass_manager(opts)(gm)
     if opts.inner == "inductor" and mode is not None:
-        from torch._inductor.compile_fx import compile_fx
-
         from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
     return _inner_compiler(opts.inner)(gm, example_inputs)

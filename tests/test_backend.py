@@ -132,3 +132,12 @@ def test_inductor_is_the_default_inner_compiler():
     x = torch.randn(5, 12)
     f = torch.compile(m, backend="adafuse")
     torch.testing.assert_close(f(x), m(x))
+
+
+@pytest.mark.slow
+def test_mode_is_passed_to_inductor():
+    torch._dynamo.reset()
+    m = TinyNet()
+    x = torch.randn(5, 12)
+    f = torch.compile(m, backend="adafuse", mode="max-autotune-no-cudagraphs")
+    torch.testing.assert_close(f(x), m(x))
