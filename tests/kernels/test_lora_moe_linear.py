@@ -96,8 +96,10 @@ def test_pure_torch_paths_match_reference(path, p):
 
 @pytest.mark.parametrize(
     "T,E,k,shared_A",
-    [(0, 4, 2, False), (3, 5, 5, False), (4, 1, 1, False), (6, 6, 6, True), (1, 8, 2, True)],
-    ids=["empty-T", "k==E", "E==1", "dense-gate-shared-A", "decode-shared-A"],
+    [(0, 4, 2, False), (3, 5, 5, False), (4, 1, 1, False), (6, 6, 6, True), (1, 8, 2, True),
+     (64, 2, 2, False), (64, 3, 1, True)],
+    ids=["empty-T", "k==E", "E==1", "dense-gate-shared-A", "decode-shared-A", "gemm-path",
+         "gemm-path-shared-A"],
 )
 def test_edge_cases(T, E, k, shared_A):
     args = make_case(T, 37, 29, 5, E, k, dtype=torch.float32, shared_A=shared_A)
