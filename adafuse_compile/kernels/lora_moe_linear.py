@@ -31,7 +31,7 @@ __all__ = ["lora_moe_linear", "check_lora_moe_args"]
 # Pure-torch path: gathering copies k*(r*in + out*r) expert values per token; running every
 # expert densely reads each expert once per call but does E/k times the FLOPs. Measured on the
 # 2-core CPU (in=out=1024, E=8, k=2, r=8, fp32, whole op incl. the base linear, bench_ops.py):
-# T=1 gathered 251 vs dense 299 us; T=4 728 vs 728; T=8 911 vs 776; T=16 1352 vs 922. So dense
+# T=1 gathered 139 vs dense 173 us; T=4 728 vs 728 (an earlier run); T=8 594 vs 479. So dense
 # from about one (token, expert) pair per expert.
 _DENSE_MIN_PAIRS_PER_EXPERT = 1.0
 
@@ -153,19 +153,12 @@ def lora_moe_linear(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor
     Flattens the leading (token) dimensions, calls ``torch.ops.adafuse.lora_moe_linear``, and
     restores them: ``[..., out]``.
     """
+    op = torch.ops.adafuse.lora_moe_linear.default  # not the CustomOpDef wrapper: ~3 us less
     if x.dim() == 2 and idx.dim() == 2:  # already [T, in]: skip the reshapes (~3 us each)
-        return torch.ops.adafuse.lora_moe_linear.default(x, weight, bias, A, B, idx, g, float(scale))
+        return op(x, weight, bias, A, B, idx, g, float(scale))
     lead = x.shape[:-1]
     if idx.shape[:-1] != lead:
         raise ValueError(f"idx leading shape {tuple(idx.shape[:-1])} must match x's {tuple(lead)}")
-    y = _lora_moe_linear_op(
-        x.reshape(-1, x.shape[-1]),
-        weight,
-        bias,
-        A,
-        B,
-        idx.reshape(-1, idx.shape[-1]),
-        g.reshape(-1, g.shape[-1]),
-        float(scale),
-    )
+    k = idx.shape[-1]
+    y = op(x.reshape(-1, x.shape[-1]), weight, bias, A, B, idx.reshape(-1, k), g.reshape(-1, k), float(scale))
     return y.view(*lead, weight.shape[0])

@@ -170,3 +170,12 @@ def test_traces_with_dynamic_token_count():
         torch.testing.assert_close(f(*args, 2.0), lora_moe_linear(*args, 2.0))
         compiled_after_first = compiled_after_first or counter.frame_count
     assert counter.frame_count == compiled_after_first, "a new token count recompiled"
+
+
+def test_backward_raises_instead_of_returning_wrong_gradients():
+    """No autograd formula yet: training through the op must fail loudly, never silently."""
+    x, W, b, A, B, idx, g = make_case(3, 16, 12, 4, 4, 2, dtype=torch.float32)
+    A.requires_grad_(True)
+    y = lora_moe_linear(x, W, b, A, B, idx, g, 1.0)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        y.sum().backward()
