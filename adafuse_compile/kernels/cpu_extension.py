@@ -29,10 +29,17 @@ def load_cpu_kernels() -> bool:
     from torch.utils import cpp_extension
 
     csrc = pathlib.Path(__file__).parent / "csrc"
-    log.info("adafuse: loading the C++ CPU kernels (the first build takes ~40 s, then it is cached)")
+    name = "adafuse_cpu_kernels"
+    try:
+        build_dir = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False))
+        cached = any(build_dir.glob("*.so"))
+    except Exception:
+        cached = False
+    if not cached:  # a silent 20-40 s stall would look like a hang: say it once
+        log.warning("adafuse: building the C++ CPU kernels (first use only, ~20-40 s; then cached)")
     try:
         cpp_extension.load(
-            name="adafuse_cpu_kernels",
+            name=name,
             sources=[str(csrc / s) for s in _SOURCES],
             extra_cflags=["-O3"],
             is_python_module=False,

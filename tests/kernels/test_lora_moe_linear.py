@@ -1,6 +1,9 @@
 """adafuse::lora_moe_linear against its float64 reference, on both CPU paths, plus opcheck."""
 
 import importlib
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -179,3 +182,21 @@ def test_backward_raises_instead_of_returning_wrong_gradients():
     y = lora_moe_linear(x, W, b, A, B, idx, g, 1.0)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         y.sum().backward()
+
+
+def test_disabling_the_cpu_kernel_falls_back_to_the_torch_path():
+    code = (
+        "import torch\n"
+        "from adafuse_compile.kernels import lora_moe_linear\n"
+        "from adafuse_compile.kernels.reference import lora_moe_linear_ref\n"
+        "x, W = torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)\n"
+        "A, B = torch.randn(3, 2, 8, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)\n"
+        "idx, g = torch.tensor([[0, 1], [2, 1]]), torch.rand(2, 2, dtype=torch.float64)\n"
+        "for _ in range(2):\n"
+        "    y = lora_moe_linear(x, W, None, A, B, idx, g, 2.0)\n"
+        "torch.testing.assert_close(y, lora_moe_linear_ref(x, W, None, A, B, idx, g, 2.0))\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('adafuse::lora_moe_linear', 'CPU')\n"
+    )
+    env = {**os.environ, "ADAFUSE_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
