@@ -39,7 +39,7 @@ def assert_close_to_reference(
     tol = tolerance(actual.dtype, reduction)
     mag = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
     torch.testing.assert_close(
-        actual.to(reference.dtype),
+        actual.to(device=reference.device, dtype=reference.dtype),
         reference,
         atol=tol * mag,
         rtol=tol,

@@ -10,40 +10,17 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from lora_cases import lora_reference as reference
+from lora_cases import make_lora_case as make_case
 
 from adafuse_compile.kernels import lora_moe_linear
 from adafuse_compile.kernels.cpu_extension import load_cpu_kernels
 from adafuse_compile.kernels.lora_moe_linear import lora_moe_linear_torch
-from adafuse_compile.kernels.reference import lora_moe_linear_ref
 from adafuse_compile.testing import assert_close_to_reference
 
+# The module, not the function that adafuse_compile.kernels re-exports under the same name.
 op_module = importlib.import_module("adafuse_compile.kernels.lora_moe_linear")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def make_case(T, in_f, out_f, r, E, k, *, dtype, shared_A=False, bias=True, seed=0, dup=False):
-    """O(1)-scaled inputs (x ~ 1, W and A ~ 1/sqrt(in), B ~ 1/sqrt(r)) so outputs are O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype)
-
-    x = randn(T, in_f)
-    W = randn(out_f, in_f, std=in_f**-0.5)
-    b = randn(out_f) if bias else None
-    A = randn(1 if shared_A else E, r, in_f, std=in_f**-0.5)
-    B = randn(E, out_f, r, std=r**-0.5)
-    if dup:  # the same expert chosen twice: weights must add
-        idx = torch.randint(0, E, (T, k), generator=gen)
-    else:
-        idx = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :k].contiguous()
-    g = torch.softmax(torch.randn(T, k, generator=gen), dim=-1)  # float32 routing weights
-    return x, W, b, A, B, idx, g
-
-
-def reference(x, W, b, A, B, idx, g, scale):
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return lora_moe_linear_ref(d(x), d(W), d(b), d(A), d(B), idx, g.double(), scale)
 
 
 case_params = st.fixed_dictionaries(

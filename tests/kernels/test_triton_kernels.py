@@ -4,7 +4,6 @@ Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on small CPU tensors 
 runs each program in numpy, so shapes stay small); with one, the same tests run on CUDA.
 """
 
-import math
 import os
 
 import torch
@@ -20,58 +19,27 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
+from lora_cases import lora_reference  # noqa: E402
+from lora_cases import make_lora_case as _make_lora_case  # noqa: E402
+
 from adafuse_compile.kernels import lora_moe_linear_triton as lml  # noqa: E402
 from adafuse_compile.kernels import merge_switch_triton as mst  # noqa: E402
 from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_triton  # noqa: E402
 from adafuse_compile.kernels.merge_switch_triton import merge_combination_triton  # noqa: E402
-from adafuse_compile.kernels.reference import lora_moe_linear_ref, merged_delta_ref  # noqa: E402
+from adafuse_compile.kernels.reference import merged_delta_ref  # noqa: E402
+from adafuse_compile.testing import assert_close_to_reference as assert_close  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Tolerance per dtype for a short reduction (<= 256 terms) of O(1) operands: about the unit
-# roundoff of the result dtype (the kernels accumulate in float32 and round once or twice).
-_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-
-
-def assert_close(actual, expected, *, reduction=1):
-    """``actual`` (any dtype) vs a float64 ``expected``, scaled by its magnitude and reduction length.
-
-    Rounding errors of a length-``n`` float32 dot product grow like ``sqrt(n)``; results are
-    compared relative to ``max |expected|`` (at least 1) so O(1) data is judged at roundoff level.
-    """
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = _TOL[actual.dtype] * max(1.0, math.sqrt(reduction / 256))
-    mag = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double().cpu(), expected.cpu(), atol=tol * mag, rtol=tol)
-
-
 # --------------------------------------------------------------------------------------------
 # lora_moe_linear
 
 
-def make_lora_case(T, in_f, out_f, r, E, k, *, dtype, shared_A=False, bias=True, seed=0, g_dtype=torch.float32):
-    """O(1)-scaled inputs (x ~ 1, W and A ~ 1/sqrt(in), B ~ 1/sqrt(r)) so outputs are O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dtype).to(DEVICE)
-
-    x = randn(T, in_f)
-    W = randn(out_f, in_f, std=in_f**-0.5)
-    b = randn(out_f) if bias else None
-    A = randn(1 if shared_A else E, r, in_f, std=in_f**-0.5)
-    B = randn(E, out_f, r, std=r**-0.5)
-    idx = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :k].contiguous().to(DEVICE)
-    g = torch.softmax(torch.randn(T, k, generator=gen), dim=-1).to(g_dtype).to(DEVICE)
-    return x, W, b, A, B, idx, g
-
-
-def lora_reference(x, W, b, A, B, idx, g, scale):
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return lora_moe_linear_ref(d(x), d(W), d(b), d(A), d(B), idx, g.double(), scale)
+def make_lora_case(*args, **kw):
+    return _make_lora_case(*args, device=DEVICE, **kw)
 
 
 def check_lora(T, in_f, out_f, r, E, k, *, dtype, scale=2.0, **kw):
