@@ -80,10 +80,10 @@ def _merge_combination_torch(weights, sources, As, Bs, scales, expert_ids, coefs
         out_f, in_f = W.shape
         r = B.shape[2]
         B_sel = B.index_select(0, expert_ids) * coefs.to(B.dtype)[:, None, None]  # [m, out, r]
-        B_cat = B_sel.permute(1, 0, 2).reshape(out_f, m * r)
-        if A.shape[0] == 1:
-            A_cat = A[0].repeat(m, 1)  # [m*r, in]
+        if A.shape[0] == 1:  # shared A: sum_j c_j B_j A = (sum_j c_j B_j) A, a rank-r update
+            B_cat, A_cat = B_sel.sum(0), A[0]
         else:
+            B_cat = B_sel.permute(1, 0, 2).reshape(out_f, m * r)
             A_cat = A.index_select(0, expert_ids).reshape(m * r, in_f)
         if src is W:
             W.addmm_(B_cat, A_cat, alpha=s)
