@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.merge_switch import merge_rebase_, merge_switch_, switch_coefficients
+from .kernels.merge_switch import merge_rebase_, merge_switch_
 
 __all__ = ["MergedGroup", "default_rebase_every"]
 
@@ -29,8 +29,8 @@ class MergedGroup:
 
     ``weights`` are the live tensors the model computes with (modified in place). With
     ``keep_pristine=True`` (default) a copy of the unmerged weights is kept and used to re-base
-    every ``rebase_every`` switches (and whenever re-basing is the cheaper update), so the error
-    never exceeds ``rebase_every`` switches' worth of rounding, however long the run. With ``keep_pristine=False`` memory is saved and the
+    every ``rebase_every`` switches, so the error never exceeds ``rebase_every`` switches' worth
+    of rounding, however long the run. With ``keep_pristine=False`` memory is saved and the
     drift grows with the number of switches; :attr:`switches_since_rebase` tells how many.
     """
 
@@ -66,7 +66,7 @@ class MergedGroup:
         if torch.equal(idx, self.idx) and torch.equal(g, self.g):
             return False
         with torch.no_grad():
-            if self.pristine is not None and self._rebase_is_due(idx, g):
+            if self.pristine is not None and self.switches_since_rebase + 1 >= self.rebase_every:
                 merge_rebase_(self.weights, self.pristine, self.As, self.Bs, self.scales, idx, g)
                 self.switches_since_rebase = 0
             else:
@@ -74,19 +74,6 @@ class MergedGroup:
                 self.switches_since_rebase += 1
         self.idx, self.g = idx.clone(), g.clone()
         return True
-
-    def _rebase_is_due(self, idx: torch.Tensor, g: torch.Tensor) -> bool:
-        """Re-base when drift requires it, or when it is cheaper than the incremental switch.
-
-        Both read and write every weight once, but on CPU the rank update is compute bound
-        (2 * m * r flops per weight element): a switch that changes m experts costs rank m*r, a
-        re-base rank k*r. Measured on 56 medium-model sites (405 MB fp32, r=8, 2 threads): a
-        switch changing 4 experts 84 ms, a re-base with k=2 67 ms, a plain copy 20 ms.
-        """
-        if self.switches_since_rebase + 1 >= self.rebase_every:
-            return True
-        changed, _ = switch_coefficients(self.idx, self.g, idx, g, self.Bs[0].shape[0])
-        return changed.numel() > idx.numel()
 
     def unmerge(self) -> None:
         """Return the weights to the backbone (exactly, when a pristine copy is kept)."""

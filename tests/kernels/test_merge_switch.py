@@ -161,16 +161,3 @@ def test_repeated_decision_is_skipped():
     idx, g = torch.tensor([1, 3]), torch.tensor([0.6, 0.4])
     assert group.switch(idx, g) is True
     assert group.switch(idx.clone(), g.clone()) is False
-
-
-def test_group_rebases_when_that_is_cheaper_than_switching(monkeypatch):
-    """Changing more experts than the new decision has: re-basing is the smaller rank update."""
-    Ws, As, Bs, scales = make_group([(16, 12)], 6, 3, dtype=torch.float32)
-    group = MergedGroup(Ws, As, Bs, scales)
-    calls = []
-    monkeypatch.setattr("adafuse_compile.merge_state.merge_rebase_", lambda *a: calls.append("rebase"))
-    monkeypatch.setattr("adafuse_compile.merge_state.merge_switch_", lambda *a: calls.append("switch"))
-    group.switch(torch.tensor([0, 1]), torch.tensor([0.5, 0.5]))  # from nothing: 2 changed, k=2
-    group.switch(torch.tensor([0, 2]), torch.tensor([0.5, 0.5]))  # 1 -> 2: 2 changed, k=2
-    group.switch(torch.tensor([3, 4]), torch.tensor([0.5, 0.5]))  # 0, 2 -> 3, 4: 4 changed > k
-    assert calls == ["switch", "switch", "rebase"]
