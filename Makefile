@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_merge.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
