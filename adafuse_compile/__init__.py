@@ -12,10 +12,11 @@ from importlib import metadata
 
 from . import kernels  # registers torch.ops.adafuse.*
 from .backend import adafuse_backend
+from .explain import ExplainReport, explain
 from .merge_state import MergedGroup
 from .options import AdafuseOptions
 
-__all__ = ["AdafuseOptions", "MergedGroup", "adafuse_backend", "kernels"]
+__all__ = ["AdafuseOptions", "ExplainReport", "MergedGroup", "adafuse_backend", "explain", "kernels"]
 __version__ = "0.1.0"
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import PassManager
+from .passes import FuseMoLEPass, PassManager
 
 log = logging.getLogger("adafuse_compile")
 
@@ -22,7 +22,10 @@ __all__ = ["adafuse_backend", "build_pass_manager"]
 
 def build_pass_manager(opts: AdafuseOptions) -> PassManager:
     """The passes the options enable, in order."""
-    return PassManager([], strict=opts.strict)
+    passes = []
+    if opts.fuse:
+        passes.append(FuseMoLEPass())
+    return PassManager(passes, strict=opts.strict)
 
 
 def _inner_compiler(name: str) -> Callable:
@@ -45,7 +48,7 @@ def adafuse_backend(
     ``mode`` is accepted for ``torch.compile``'s signature and passed to Inductor.
     """
     opts = AdafuseOptions.from_dict(options)
-    gm = build_pass_manager(opts)(gm)
+    gm = build_pass_manager(opts)(gm, example_inputs)
     if opts.inner == "inductor" and mode is not None:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx

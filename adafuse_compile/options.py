@@ -18,10 +18,13 @@ class AdafuseOptions:
         inner: compiler for the graph after the adafuse passes: ``"inductor"`` (default),
             ``"eager"`` (run the rewritten FX graph as is; cheap, for tests) or ``"aot_eager"``.
         strict: if a pass raises, raise instead of warning and compiling the unrewritten graph.
+        fuse: rewrite each verified MoLE site into one ``adafuse::lora_moe_linear`` call
+            (:class:`adafuse_compile.passes.FuseMoLEPass`).
     """
 
     inner: str = "inductor"
     strict: bool = False
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:

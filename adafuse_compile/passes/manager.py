@@ -16,11 +16,16 @@ _DUMP_ENV = "ADAFUSE_DUMP_GRAPHS"
 
 
 class GraphPass:
-    """One rewrite of an FX graph. Subclasses implement :meth:`__call__` and mutate ``gm`` in place."""
+    """One rewrite of an FX graph. Subclasses implement :meth:`__call__` and mutate ``gm`` in place.
+
+    ``example_inputs`` are the graph's inputs as Dynamo passes them to a backend (parameters
+    included, as real tensors); ``None`` for a ``symbolic_trace`` graph, whose parameters are
+    ``get_attr`` nodes.
+    """
 
     name: str = "pass"
 
-    def __call__(self, gm: torch.fx.GraphModule) -> None:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs=None) -> None:
         raise NotImplementedError
 
     def uuid(self) -> str:
@@ -35,14 +40,14 @@ class PassManager:
         self.passes = list(passes)
         self.strict = strict
 
-    def __call__(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs=None) -> torch.fx.GraphModule:
         dump = os.environ.get(_DUMP_ENV, "") not in ("", "0")
         for p in self.passes:
             if dump:
                 log.info("graph before %s:\n%s", p.name, gm.graph)
-            backup = _copy_graph(gm)
+            backup = copy_graph(gm)
             try:
-                p(gm)
+                p(gm, example_inputs)
                 gm.graph.lint()
                 gm.recompile()
             except Exception:
@@ -59,7 +64,8 @@ class PassManager:
         return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()
 
 
-def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """A copy of ``gm``'s graph (nodes and their meta), to restore or to keep the original."""
     graph = torch.fx.Graph(owning_module=gm)
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)

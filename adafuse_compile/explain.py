@@ -1,0 +1,87 @@
+"""``adafuse_compile.explain(model, *args, **kwargs)``: which sites were found, what was done, why not."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from .backend import build_pass_manager
+from .options import AdafuseOptions
+from .passes import FuseMoLEPass, SiteReport
+from .passes.manager import copy_graph
+
+log = logging.getLogger("adafuse_compile")
+
+__all__ = ["ExplainReport", "explain"]
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    """Per-site outcome of the adafuse passes on every graph Dynamo captured."""
+
+    sites: list[SiteReport]
+    graphs: int
+    graph_breaks: int
+    break_reasons: list[str]
+
+    def count(self, status: str) -> int:
+        return sum(s.status == status for s in self.sites)
+
+    def __str__(self) -> str:
+        head = (f"adafuse: {len(self.sites)} site(s) in {self.graphs} graph(s), "
+                f"{self.graph_breaks} graph break(s); "
+                + ", ".join(f"{st} {self.count(st)}" for st in ("fused", "merged", "folded", "left")))
+        rows = [("site", "status", "E", "k", "r", "gate", "reason")]
+        for s in self.sites:
+            rows.append((s.path, s.status, _fmt(s.experts), _fmt(s.k), _fmt(s.rank),
+                         s.gate or "-", s.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = [head, ""]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        for reason in self.break_reasons:
+            lines.append(f"graph break: {reason}")
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainReport:
+    """Capture ``model(*args, **kwargs)`` with Dynamo, run the adafuse passes, and report.
+
+    The captured graphs are rewritten but never compiled: each graph runs once unrewritten (as
+    eager would) so that Dynamo can continue past graph breaks. Call it in the grad mode you will
+    run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
+    """
+    opts = AdafuseOptions.from_dict(options)
+    reports: list[SiteReport] = []
+    graphs = 0
+
+    def collect(gm, example_inputs):
+        nonlocal graphs
+        graphs += 1
+        original = torch.fx.GraphModule(gm, copy_graph(gm))
+        manager = build_pass_manager(opts)
+        manager(gm, example_inputs)
+        for p in manager.passes:
+            if isinstance(p, FuseMoLEPass):
+                reports.extend(p.reports)
+        return original.forward
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        torch.compile(model, backend=collect)(*args, **kwargs)
+        breaks = sorted(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks)
+    for s in report.sites:
+        log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
+    return report

@@ -1,0 +1,291 @@
+"""What a candidate site computes, established by probing it in float64.
+
+For a site ``out = linear(x, W, b) + terms`` (:mod:`.sites`) this module looks for a canonical
+form ``out = lora_moe_linear_ref(x, W, b, A, B, idx, g, scale)`` (definition in
+:mod:`adafuse_compile.kernels.reference`):
+
+- the *decision* ``(idx, g)`` is taken from nodes the site already computes (the indices of a
+  ``topk``, and a float tensor of the same shape derived from its values; or a softmax over
+  all experts for a dense gate). Reusing the model's own routing nodes keeps routing bitwise
+  identical to eager (same ops, same dtypes), including near-ties;
+- the *experts* ``A [E or 1, r, in]``, ``B [E, out, r]`` come from the site's parameters: one
+  stacked tensor each, or one matrix per expert (ordered by module name), or a shared A;
+- the *scale* is fitted by least squares on a probe.
+
+Each combination is accepted only if the canonical form reproduces the site's output on fresh
+random probes in float64 (relative error below ``_TOLERANCE``); otherwise the site is left
+unchanged and the reason says what did not match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from ..kernels.reference import lora_moe_linear_ref
+from ..testing import tolerance
+from .sites import Site
+
+__all__ = ["Canonical", "canonicalize"]
+
+# The site's own routing may run in float32 (routers cast to float32 inside float64 probes), so
+# agreement is judged at float32 level; a wrong expert order, layout or scale is off by O(1).
+_TOLERANCE = 1e-4
+_PROBE_TOKENS = 8
+
+
+@dataclasses.dataclass
+class Canonical:
+    """A verified canonical form of a site. Node fields are graph nodes (or node lists to stack)."""
+
+    idx: fx.Node | None  # None: every expert (dense gate, or the single static adapter)
+    g: fx.Node | None  # None: static LoRA, weight 1
+    A: fx.Node | list[fx.Node]
+    B: fx.Node | list[fx.Node]
+    A_layout: str  # "eri" ([E, r, in]), "eir" ([E, in, r]), "ri" (one shared [r, in]) or "list"
+    B_layout: str  # "eor" ([E, out, r]), "ero" ([E, r, out]) or "list"
+    experts: int
+    rank: int
+    k: int
+    scale: float
+    gate: str  # "top-k", "dense" or "static"
+
+
+class _Evaluator:
+    """Runs a site's nodes on probe values (float64 copies of the parameters)."""
+
+    def __init__(self, gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor], dtype=None):
+        self.gm, self.site = gm, site
+        self.params = {n: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
+                       for n, v in params.items()}
+
+    def run(self, x: torch.Tensor) -> dict[fx.Node, object]:
+        env: dict[fx.Node, object] = {self.site.x: x, **self.params}
+        for node in self.site.nodes:
+            args = map_arg(node.args, env.__getitem__)
+            kwargs = map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
+            else:
+                raise NotImplementedError(f"cannot probe {node.op} node {node.name}")
+        return env
+
+
+def node_value_meta(node: fx.Node):
+    """The example tensor (Dynamo, AOT) or TensorMetadata (ShapeProp) recorded on ``node``."""
+    for key in ("example_value", "val", "tensor_meta"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor) or hasattr(val, "shape") and hasattr(val, "dtype"):
+            return val
+    return None
+
+
+def _shape(node: fx.Node):
+    val = node_value_meta(node)
+    return tuple(val.shape) if val is not None else None
+
+
+def _natural_key(node: fx.Node):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(node.target))]
+
+
+def _probe(x_shape, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(x_shape, generator=gen, dtype=torch.float64)
+
+
+def _decision_candidates(site: Site, values: dict):
+    """``(idx_node or None, g_node, k, gate, source)`` the site computes, most specific first.
+
+    ``source`` is the ``topk`` or ``softmax`` node the decision comes from: what it is computed
+    from is the router, never an expert.
+    """
+    out = []
+    for node in site.nodes:
+        is_topk = (node.op == "call_function" and node.target is torch.topk) or (
+            node.op == "call_method" and node.target == "topk")
+        if is_topk:
+            getters = {u.args[1]: u for u in node.users if u.op == "call_function" and len(u.args) == 2}
+            idx, vals = getters.get(1), getters.get(0)
+            if idx is None or vals is None:
+                continue
+            k_shape = tuple(values[idx].shape)
+            # g: any float tensor of the decision's shape computed from the top-k values.
+            derived = [n for n in site.nodes if vals in _ancestors(n) or n is vals]
+            for g in reversed(derived):
+                v = values.get(g)
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and tuple(v.shape) == k_shape:
+                    out.append((idx, g, k_shape[-1], "top-k", node))
+    for node in site.nodes:  # dense gates: a probability vector over all experts
+        v = values.get(node)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 1:
+            if node.op == "call_function" and node.target in (torch.softmax, torch.nn.functional.softmax):
+                out.append((None, node, v.shape[-1], "dense", node))
+            elif node.op == "call_method" and node.target == "softmax":
+                out.append((None, node, v.shape[-1], "dense", node))
+    return out
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _expert_candidates(site: Site, params: dict[fx.Node, torch.Tensor], in_f: int, out_f: int, routing: set):
+    """``(A, A_layout, B, B_layout, E, r)`` from the adapter's parameters, plausible layouts first.
+
+    ``routing`` holds the nodes the decision is computed from: the router's weight is among
+    them and is never taken for an expert (with r == E it has the shape of an A).
+    """
+    shapes = {p: tuple(params[p].shape) for p in site.params if p not in routing}
+    found = []
+    three_d = [p for p, s in shapes.items() if len(s) == 3]
+    for a in three_d:
+        for b in three_d:
+            if a is b:
+                continue
+            sa, sb = shapes[a], shapes[b]
+            for a_layout, (E_a, r_a) in (("eri", (sa[0], sa[1])), ("eir", (sa[0], sa[2]))):
+                if (a_layout == "eri" and sa[2] != in_f) or (a_layout == "eir" and sa[1] != in_f):
+                    continue
+                for b_layout, (E_b, r_b) in (("eor", (sb[0], sb[2])), ("ero", (sb[0], sb[1]))):
+                    if (b_layout == "eor" and sb[1] != out_f) or (b_layout == "ero" and sb[2] != out_f):
+                        continue
+                    if r_a == r_b and E_a in (1, E_b):
+                        found.append((a, a_layout, b, b_layout, E_b, r_a))
+    two_d = [p for p, s in shapes.items() if len(s) == 2]
+    b_list = sorted((p for p in two_d if shapes[p][0] == out_f), key=_natural_key)
+    a_list = sorted((p for p in two_d if shapes[p][1] == in_f and p not in b_list), key=_natural_key)
+    if b_list:
+        r = shapes[b_list[0]][1]
+        if all(shapes[p] == (out_f, r) for p in b_list):
+            a_rank = [p for p in a_list if shapes[p][0] == r]
+            if len(a_rank) == len(b_list):
+                found.append((a_rank, "list", b_list, "list", len(b_list), r))
+            elif len(a_rank) >= 1:  # a shared A (HydraLoRA); the router may also be [E, in]
+                for a in a_rank:
+                    found.append((a, "ri", b_list, "list", len(b_list), r))
+    return found
+
+
+def stack_experts(A, A_layout, B, B_layout, values):
+    """Canonical ``A [E or 1, r, in]`` and ``B [E, out, r]`` tensors from nodes' values."""
+    if A_layout == "list":
+        A_t = torch.stack([values[a] for a in A])
+    elif A_layout == "ri":
+        A_t = values[A].unsqueeze(0)
+    elif A_layout == "eir":
+        A_t = values[A].transpose(1, 2)
+    else:
+        A_t = values[A]
+    if B_layout == "list":
+        B_t = torch.stack([values[b] for b in B])
+    elif B_layout == "ero":
+        B_t = values[B].transpose(1, 2)
+    else:
+        B_t = values[B]
+    return A_t, B_t
+
+
+def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor]) -> tuple[Canonical | None, str]:
+    """A verified canonical form of ``site``, or ``(None, reason)``."""
+    x_shape = _shape(site.x)
+    out_shape = _shape(site.out)
+    if x_shape is None or out_shape is None:
+        return None, "no example value for the site's input or output"
+    if not all(isinstance(d, int) for d in x_shape):
+        return None, "symbolic input shape: probing needs concrete shapes (not supported yet)"
+    W = params[site.weight]
+    out_f, in_f = W.shape
+    runs, ev, tolerance, why = _probe_runs(gm, site, params, x_shape)
+    if runs is None:
+        return None, why
+    decisions = _decision_candidates(site, runs[0])
+    routing = set().union(*(_ancestors(source) for *_, source in decisions))
+    decisions.append((None, None, 1, "static", None))  # one adapter, no router (PEFT's LoRA)
+    experts = _expert_candidates(site, params, in_f, out_f, routing)
+    if not experts:
+        return None, "no expert parameters of LoRA shape ([E, r, in] / [E, out, r] or per-expert [r, in] / [out, r])"
+    b = ev.params[site.bias].double() if site.bias is not None else None
+    for A, A_layout, B, B_layout, E, r in experts:
+        for idx, g, k, gate, _ in decisions:
+            if (gate == "dense" and k != E) or (gate == "static" and E != 1):
+                continue
+            verdict = _fit_and_verify(ev.params, site, runs, ev.params[site.weight].double(), b,
+                                      (A, A_layout, B, B_layout), idx, g, E, tolerance)
+            if verdict is not None:
+                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, verdict, gate), "verified"
+    if len(decisions) == 1:
+        return None, "no routing decision found (a top-k, or a softmax over the experts), and not a static LoRA"
+    return None, (f"no canonical form reproduced the site on probes ({len(experts)} expert layouts x "
+                  f"{len(decisions)} routing decisions tried)")
+
+
+def _probe_runs(gm, site, params, x_shape):
+    """Three probe runs of the site: ``(runs, evaluator, tolerance, reason)``.
+
+    Float64 first; graphs that cast explicitly (``.float()``, ``softmax(dtype=float32)``) can
+    mix dtypes in float64 replays, and then the probes run in the model's own dtypes, judged
+    at that dtype's tolerance.
+    """
+    errors = []
+    for dtype in (torch.float64, None):
+        ev = _Evaluator(gm, site, params, dtype)
+        x_dtype = dtype or _dtype_of(site.x) or torch.float32
+        try:
+            runs = [ev.run(_probe(x_shape, seed).to(x_dtype)) for seed in (0, 1, 2)]
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        return runs, ev, _TOLERANCE if dtype is not None else 50 * tolerance(x_dtype), None
+    return None, None, None, f"could not probe the site ({errors[-1]})"
+
+
+def _dtype_of(node: fx.Node):
+    val = node_value_meta(node)
+    return getattr(val, "dtype", None)
+
+
+def _fit_and_verify(pvals, site, runs, W, b, experts, idx_node, g_node, E, tol) -> float | None:
+    """The scale if the canonical form matches every run (fitted on the first), else None."""
+    A_t, B_t = (t.double() for t in stack_experts(*experts, pvals))
+    if B_t.shape[0] != E:
+        return None
+    scale = None
+    for vals in runs:
+        x = vals[site.x].double().reshape(-1, W.shape[1])
+        if g_node is None:  # static LoRA: the one adapter, weight 1, for every token
+            g = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        else:
+            g = vals[g_node].reshape(-1, vals[g_node].shape[-1]).double()
+        if idx_node is None:
+            idx = torch.arange(E).expand(g.shape[0], E)
+        else:
+            idx = vals[idx_node].reshape(-1, g.shape[-1]).long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= E):
+            return None
+        y = vals[site.out].reshape(-1, W.shape[0]).double()
+        base = lora_moe_linear_ref(x, W, b, A_t, B_t, idx, g, 0.0)
+        unit = lora_moe_linear_ref(x, W, None, A_t, B_t, idx, g, 1.0) - x @ W.T
+        if scale is None:  # least squares for s in y - base = s * unit
+            denom = (unit * unit).sum()
+            if denom == 0:
+                return None
+            scale = float(((y - base) * unit).sum() / denom)
+        err = (y - base - scale * unit).abs().max()
+        if not err <= tol * max(1.0, y.abs().max().item()):
+            return None
+    return scale

@@ -1,0 +1,167 @@
+"""FuseMoLEPass: each verified MoLE site becomes one ``adafuse::lora_moe_linear`` call.
+
+Before (a MoLA-style site, per-expert loop with masks)::
+
+    y  = linear(x, W, b)
+    w, i = topk(softmax(linear(x, R)), k); w = w / w.sum(-1)
+    y  = y + (w * (i == 0)).sum(-1) * linear(linear(x, A0), B0) * s
+    ...                                              # once per expert
+    y  = y + (w * (i == E-1)).sum(-1) * linear(linear(x, A_{E-1}), B_{E-1}) * s
+
+After::
+
+    w, i = topk(softmax(linear(x, R)), k); w = w / w.sum(-1)   # the model's own routing, kept
+    y  = lora_moe_linear(x, W, b, stack(A), stack(B), i, w, s)
+
+Only sites whose canonical form was verified on probes are rewritten
+(:mod:`.canonical`); every other site is left exactly as it was, with the reason in the report.
+Per-expert parameter lists are stacked in the graph on every call (a copy of all experts'
+weights per call; stacked parameters are used as they are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.fx as fx
+
+from ..kernels import lora_moe_linear
+from .canonical import Canonical, canonicalize, node_value_meta
+from .manager import GraphPass
+from .sites import find_sites, is_inplace, parameter_values
+
+log = logging.getLogger("adafuse_compile")
+
+__all__ = ["FuseMoLEPass", "SiteReport"]
+
+
+@dataclasses.dataclass
+class SiteReport:
+    """What happened to one site (the rows of :func:`adafuse_compile.explain`)."""
+
+    path: str
+    status: str  # "fused", "merged", "folded" or "left"
+    reason: str
+    experts: int | None = None
+    k: int | None = None
+    rank: int | None = None
+    gate: str | None = None
+    scale: float | None = None
+
+
+def _dense_idx(g: torch.Tensor) -> torch.Tensor:
+    """Every expert, for a dense gate ``g [..., E]``."""
+    return torch.arange(g.shape[-1], device=g.device).expand(g.shape)
+
+
+def _as_canonical_A(A, layout):
+    if layout == "list":
+        return torch.stack(A)
+    if layout == "ri":
+        return A.unsqueeze(0)
+    return A.transpose(1, 2) if layout == "eir" else A
+
+
+def _as_canonical_B(B, layout):
+    if layout == "list":
+        return torch.stack(B)
+    return B.transpose(1, 2) if layout == "ero" else B
+
+
+def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype):
+    """The replacement, called from the graph: canonical layouts, then the fused op."""
+    A = _as_canonical_A(A, A_layout)
+    B = _as_canonical_B(B, B_layout)
+    if g is None:  # static LoRA
+        g = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+    if idx is None:
+        idx = _dense_idx(g)
+    y = lora_moe_linear(x, weight, bias, A, B, idx.to(torch.int64), g, scale)
+    return y.to(out_dtype)
+
+
+def _alias_group(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every value that is the same tensor through in-place ops (``y += t`` chains)."""
+    root = node
+    while is_inplace(root) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    group, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n not in group:
+            group.add(n)
+            stack.extend(u for u in n.users if is_inplace(u) and u.args and u.args[0] is n)
+    return group
+
+
+def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the replaced sites' nodes that nothing uses any more.
+
+    Not ``Graph.eliminate_dead_code``: it treats ``call_method`` nodes as pure, so it would
+    drop a ``mask.scatter_(...)`` whose only effect is the mutation. An in-place node goes only
+    with its whole alias group (``result += t_1; result += t_2``), when every member is a
+    replaced node and nothing outside the group uses any of them.
+    """
+    candidates = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(nodes):
+            if node not in candidates or node.users or node.is_impure():
+                continue
+            if is_inplace(node):
+                group = _alias_group(node)
+                if not group <= candidates or any(u not in group for m in group for u in m.users):
+                    continue
+            gm.graph.erase_node(node)
+            candidates.discard(node)
+            changed = True
+
+
+class FuseMoLEPass(GraphPass):
+    """Rewrite every verified MoLE site into one fused op; leave (and report) the rest."""
+
+    name = "fuse_mole"
+
+    def __init__(self) -> None:
+        self.reports: list[SiteReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs=None) -> None:
+        sites, rejected = find_sites(gm, example_inputs)
+        params = parameter_values(gm, example_inputs)
+        self.reports = [SiteReport(r.path, "left", r.reason) for r in rejected]
+        training = torch.is_grad_enabled()
+        replaced: list[fx.Node] = []
+        for site in sites:
+            if training and any(params[p].requires_grad for p in (site.weight, *site.params)):
+                reason = ("gradients are required (the fused op has no autograd formula yet); "
+                          "compile under torch.no_grad() or torch.inference_mode() to fuse")
+                self.reports.append(SiteReport(site.name, "left", reason))
+                continue
+            canon, reason = canonicalize(gm, site, params)
+            if canon is None:
+                self.reports.append(SiteReport(site.name, "left", reason))
+                log.info("adafuse: left %s: %s", site.name, reason)
+                continue
+            self._rewrite(gm, site, canon)
+            replaced.extend(site.nodes)
+            self.reports.append(SiteReport(site.name, "fused", "verified on probes; one fused op",
+                                           canon.experts, canon.k, canon.rank, canon.gate, canon.scale))
+            log.info("adafuse: fused %s (E=%d, k=%d, r=%d, %s)", site.name, canon.experts, canon.k,
+                     canon.rank, canon.gate)
+        _remove_unused(gm, replaced)
+
+    @staticmethod
+    def _rewrite(gm: fx.GraphModule, site, canon: Canonical) -> None:
+        out_val = node_value_meta(site.out)
+        out_dtype = out_val.dtype if out_val is not None else None
+        with gm.graph.inserting_before(site.out):
+            fused = gm.graph.call_function(
+                _fused_site,
+                (site.x, site.weight, site.bias, canon.A, canon.B, canon.idx, canon.g, canon.scale,
+                 canon.A_layout, canon.B_layout, out_dtype),
+            )
+        fused.meta.update(site.out.meta)
+        site.out.replace_all_uses_with(fused)

@@ -1,0 +1,229 @@
+"""Finding adapter sites in an FX graph: a frozen linear plus adapter terms that read only its input.
+
+A *site* is found structurally and stays a candidate until a pass verifies it numerically:
+
+    y   = linear(x, W, b)                       # the base linear, W a parameter
+    out = y + t_1 + ... + t_n                   # a chain of adds (n >= 1)
+
+where every term ``t_i`` is computed from ``x`` and parameters only (its backward slice has no
+other activation as a leaf). That covers how MoLE projects write adapters (stacked experts
+gathered by index, per-expert loops with masks, dense gates, a shared A, routing weights on the
+input or the output, static LoRA) without a pattern per project: what the slice computes is
+established later by probing it (:mod:`.canonical`). A term that reads another tensor (a router
+on a different input, the base output itself) is not a site, and the reason is recorded.
+
+Works on Dynamo graphs (parameters are placeholders whose example inputs are ``nn.Parameter``)
+and on ``symbolic_trace`` graphs (parameters are ``get_attr`` nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = ["Site", "Rejected", "find_sites", "parameter_values", "is_linear", "is_inplace"]
+
+_LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclasses.dataclass
+class Site:
+    """One adapted linear: ``out = linear(x, weight, bias) + terms``, not yet verified."""
+
+    out: fx.Node
+    x: fx.Node
+    base: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    terms: list[fx.Node]
+    nodes: list[fx.Node]  # every node computing ``out`` from x and parameters, in graph order
+    params: list[fx.Node]  # parameter leaves of the adapter terms (not weight/bias)
+    path: str  # module path of the site, from the base weight's name
+
+    @property
+    def name(self) -> str:
+        return self.path or "<root>"
+
+
+@dataclasses.dataclass
+class Rejected:
+    """A linear with extra terms that is not a site, and why."""
+
+    path: str
+    reason: str
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _LINEAR_TARGETS
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_TARGETS:
+        return len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
+    """Nodes that hold parameters (or buffers) of the model, with their current values."""
+    values: dict[fx.Node, torch.Tensor] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is not None:
+        for node, value in zip(placeholders, example_inputs):
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            is_param = isinstance(value, torch.nn.Parameter) or "_parameters[" in _source_name(source)
+            if is_param and isinstance(value, torch.Tensor):
+                values[node] = value
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _get_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                values[node] = value
+    return values
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _source_name(source) -> str:
+    if source is None:
+        return ""
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def module_path(node: fx.Node) -> str:
+    """``layers.0.q_proj`` from a weight node (Dynamo source or get_attr target), dropping ``.weight``."""
+    if node.op == "get_attr":
+        parts = node.target.split(".")
+    else:
+        src = _source_name(getattr(node.meta.get("grapharg"), "source", None))
+        parts = re.findall(r"_modules\['([^']+)'\]|_parameters\['([^']+)'\]", src)
+        parts = [a or b for a, b in parts]
+        if not parts:
+            return node.name
+    parts = parts[:-1]  # the parameter's own name
+    if parts and parts[-1] == "base_layer":  # PEFT's and our naming: the site is the wrapper
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+_INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow)
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """Whether ``node`` mutates its first argument (``x.scatter_(...)``, ``a += b``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
+def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor]):
+    """Backward slice of ``term`` stopping at ``x`` and parameters; ``(nodes, param_leaves, bad_leaf)``.
+
+    In-place ops that mutate a value of the slice (``mask.scatter_(...)`` has no users, yet
+    changes ``mask``) belong to it too: without them a replay of the slice computes something
+    else.
+    """
+    seen: set[fx.Node] = set()
+    nodes, leaves = [], []
+    stack = [term]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is x:
+            continue
+        if n in params:
+            leaves.append(n)
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            return None, None, n
+        nodes.append(n)
+        stack.extend(n.all_input_nodes)
+        stack.extend(u for u in n.users if is_inplace(u) and u.args and u.args[0] is n)
+    return nodes, leaves, None
+
+
+def inline_linear_modules(gm: fx.GraphModule) -> None:
+    """``call_module`` nodes of ``nn.Linear`` (``symbolic_trace`` graphs) become ``F.linear`` on
+    ``get_attr`` parameters, the form Dynamo produces, so one site finder serves both."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+            continue
+        mod = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            lin = gm.graph.call_function(F.linear, (node.args[0], w, b))
+        lin.meta.update(node.meta)
+        node.replace_all_uses_with(lin)
+        gm.graph.erase_node(node)
+
+
+def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], list[Rejected]]:
+    """Candidate sites in graph order, and linears with extra terms that were rejected (with why)."""
+    if any(n.op == "call_module" for n in gm.graph.nodes):
+        inline_linear_modules(gm)
+    params = parameter_values(gm, example_inputs)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites: list[Site] = []
+    rejected: list[Rejected] = []
+    for base in gm.graph.nodes:
+        if not is_linear(base) or len(base.args) < 2 or base.args[1] not in params:
+            continue
+        x, weight = base.args[0], base.args[1]
+        bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
+        if not isinstance(x, fx.Node) or (bias is not None and bias not in params):
+            continue
+        if any(is_inplace(u) and u.args[0] is x for u in x.users):
+            rejected.append(Rejected(module_path(weight), "the linear's input is modified in place"))
+            continue
+        path = module_path(weight)
+        cur, terms, nodes, leaves, reason = base, [], {base}, [], None
+        while len(cur.users) == 1:
+            user = next(iter(cur.users))
+            if not _is_add(user):
+                break
+            term = user.args[1] if user.args[0] is cur else user.args[0]
+            if not isinstance(term, fx.Node):
+                break
+            term_nodes, term_leaves, bad = _slice(term, x, params)
+            if bad is not None:
+                if isinstance(bad.meta.get("example_value"), torch.SymInt):
+                    reason = "symbolic shapes inside the adapter are not supported yet"
+                else:
+                    reason = (f"an adapter term reads {bad.name} besides the linear's input and parameters "
+                              "(e.g. a shared pre-gate decision; grouping such sites is not implemented yet)")
+                break
+            if base in term_nodes:
+                reason = "an adapter term reads the base linear's output"
+                break
+            if not term_leaves:
+                break  # e.g. a residual of x itself: not an adapter
+            terms.append(term)
+            nodes.update(term_nodes)
+            nodes.add(user)
+            leaves.extend(term_leaves)
+            cur = user
+        if terms:
+            leaf_set = list(dict.fromkeys(p for p in leaves if p not in (weight, bias)))
+            sites.append(Site(cur, x, base, weight, bias, terms, sorted(nodes, key=order.__getitem__), leaf_set, path))
+        elif reason is not None:
+            rejected.append(Rejected(path, reason))
+    return sites, rejected

@@ -1,0 +1,227 @@
+"""FuseMoLEPass: sites found, verified and fused; numerics against float64; ops left in the graph."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import adafuse_compile
+from adafuse_compile.models import add_lora_moe, tiny_llama
+from torch.fx.passes.shape_prop import ShapeProp
+
+from adafuse_compile.models.layers import LoRAMoELinear
+from adafuse_compile.passes.fuse_mole import _fused_site
+from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
+
+# Ops that make up an unfused adapter: none may survive at a fused site.
+ADAPTER_OPS = (torch.functional.einsum, torch.einsum, torch.bmm, operator.getitem, torch.Tensor.index_add_)
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+
+
+@given(
+    in_f=st.integers(3, 40), out_f=st.integers(1, 40), E=st.integers(1, 8), k_frac=st.floats(0, 1),
+    r=st.integers(1, 16), gate=st.sampled_from(["softmax_topk", "topk_softmax", "dense", "top_p"]),
+    shared_A=st.booleans(), lead=st.sampled_from([(1,), (5,), (2, 3)]), seed=st.integers(0, 999),
+)
+def test_reference_layer_is_fused_and_matches_float64(in_f, out_f, E, k_frac, r, gate, shared_A, lead, seed):
+    k = 1 + int(k_frac * (E - 1))
+    torch.manual_seed(seed)
+    layer = LoRAMoELinear(torch.nn.Linear(in_f, out_f), experts=E, rank=r, top_k=k, gate=gate,
+                          shared_A=shared_A, seed=seed).eval()
+    x = torch.randn(*lead, in_f)
+    graphs = assert_equivalent(layer, x, reduction=in_f + k * r)
+    (gm,) = graphs
+    assert count_calls(gm, _fused_site) == 1
+    assert count_calls(gm, torch.functional.einsum, torch.einsum) == 0
+    # The gather of experts by index is gone; the router's own topk/softmax stays.
+    assert not any(n.op == "call_function" and n.target is operator.getitem and
+                   n.args[0].op == "placeholder" for n in gm.graph.nodes)
+
+
+class MaskedLoop(torch.nn.Module):
+    """MoLA-like: per-expert Linear pairs in ModuleLists, Python loop, gate weight by mask."""
+
+    def __init__(self, in_f=24, out_f=20, E=4, r=3, k=2):
+        super().__init__()
+        self.base_layer = torch.nn.Linear(in_f, out_f)
+        self.router = torch.nn.Linear(in_f, E, bias=False)
+        self.lora_A = torch.nn.ModuleList(torch.nn.Linear(in_f, r, bias=False) for _ in range(E))
+        self.lora_B = torch.nn.ModuleList(torch.nn.Linear(r, out_f, bias=False) for _ in range(E))
+        for b in self.lora_B:
+            torch.nn.init.normal_(b.weight, std=0.2)
+        self.E, self.k = E, k
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        w, idx = torch.topk(torch.softmax(self.router(x), -1), self.k)
+        w = w / w.sum(-1, keepdim=True)
+        for e in range(self.E):
+            we = (w * (idx == e)).sum(-1, keepdim=True)
+            y = y + we * self.lora_B[e](self.lora_A[e](x)) * 2.0
+        return y
+
+
+def test_per_expert_loop_is_fused_into_one_op():
+    torch.manual_seed(0)
+    m = MaskedLoop().eval()
+    (gm,) = assert_equivalent(m, torch.randn(6, 24), reduction=30)
+    assert count_calls(gm, _fused_site) == 1
+    # Base, router: two linears remain; the 2*E expert linears are gone.
+    assert count_calls(gm, torch._C._nn.linear) == 1  # the router (the base is inside the op)
+
+
+class NonlinearBetween(MaskedLoop):
+    """Looks like MoLE but has a nonlinearity between A and B: not a LoRA, must be left."""
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        w, idx = torch.topk(torch.softmax(self.router(x), -1), self.k)
+        for e in range(self.E):
+            we = (w * (idx == e)).sum(-1, keepdim=True)
+            y = y + we * self.lora_B[e](torch.relu(self.lora_A[e](x)))
+        return y
+
+
+class RouterOnOtherInput(MaskedLoop):
+    """The router reads a different tensor than the experts: not a site of this linear."""
+
+    def forward(self, x, h):
+        y = self.base_layer(x)
+        w, idx = torch.topk(torch.softmax(self.router(h), -1), self.k)
+        for e in range(self.E):
+            we = (w * (idx == e)).sum(-1, keepdim=True)
+            y = y + we * self.lora_B[e](self.lora_A[e](x))
+        return y
+
+
+@pytest.mark.parametrize(
+    "model,inputs,reason",
+    [
+        (NonlinearBetween, (torch.randn(5, 24),), "no canonical form reproduced"),
+        (RouterOnOtherInput, (torch.randn(5, 24), torch.randn(5, 24)), "reads l_h_"),
+    ],
+    ids=["nonlinearity-between-A-and-B", "router-on-other-input"],
+)
+def test_lookalikes_are_left_unchanged_with_a_reason(model, inputs, reason):
+    torch.manual_seed(0)
+    m = model().eval()
+    (gm,) = assert_equivalent(m, *inputs, reduction=30)
+    assert count_calls(gm, _fused_site) == 0
+    with torch.no_grad():
+        report = adafuse_compile.explain(m, *inputs)
+    assert [s.status for s in report.sites] == ["left"]
+    assert reason in report.sites[0].reason
+
+
+def test_training_graphs_are_left_unrewritten():
+    """No autograd formula for the fused op: with gradients required, sites are left (and say so)."""
+    layer = LoRAMoELinear(torch.nn.Linear(16, 12), experts=4, rank=3, top_k=2)
+    x = torch.randn(3, 16)
+    out, (gm,) = compile_and_capture(layer, x)
+    assert count_calls(gm, _fused_site) == 0
+    out.sum().backward()
+    eager_grad = torch.autograd.grad(layer(x).sum(), layer.lora_A)[0]
+    torch.testing.assert_close(layer.lora_A.grad, eager_grad)
+    report = adafuse_compile.explain(layer, x)
+    assert report.sites[0].status == "left" and "gradients are required" in report.sites[0].reason
+
+
+def test_nan_inputs_give_what_eager_gives():
+    layer = LoRAMoELinear(torch.nn.Linear(16, 12), experts=4, rank=3, top_k=2).eval()
+    x = torch.randn(4, 16)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    with torch.no_grad():
+        out, (gm,) = compile_and_capture(layer, x)
+        expected = layer(x)
+    assert count_calls(gm, _fused_site) == 1
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_fuse_option_off_leaves_the_graph():
+    layer = LoRAMoELinear(torch.nn.Linear(16, 12), experts=4, rank=3, top_k=2).eval()
+    with torch.no_grad():
+        _, (gm,) = compile_and_capture(layer, torch.randn(3, 16), options={"fuse": False})
+    assert count_calls(gm, _fused_site) == 0
+    assert count_calls(gm, torch.functional.einsum) == 2
+
+
+def test_tiny_llama_every_site_fused_and_logits_match():
+    model = add_lora_moe(tiny_llama("tiny"))
+    ids = torch.randint(0, 500, (2, 7))
+    (gm,) = assert_equivalent(model, ids, reduction=1024)
+    assert count_calls(gm, _fused_site) == 14
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, ids)
+    assert report.count("fused") == 14 and report.graph_breaks == 0
+    assert all(s.experts == 8 and s.k == 2 and s.rank == 8 for s in report.sites)
+    assert "model.layers.1.mlp.down_proj" in str(report)
+
+
+@pytest.mark.slow
+def test_tiny_llama_under_inductor_matches_eager():
+    model = add_lora_moe(tiny_llama("tiny"))
+    ids = torch.randint(0, 500, (1, 9))
+    with torch.inference_mode():
+        expected = model(ids).logits
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="adafuse")(ids).logits
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_passes_apply_to_a_symbolic_trace_graph():
+    """Passes are usable on any GraphModule: parameters as get_attr nodes, no example inputs."""
+    m = MaskedLoop().eval()
+    gm = torch.fx.symbolic_trace(m)
+    x = torch.randn(5, 24)
+    expected = gm(x)
+    ShapeProp(gm).propagate(x)  # symbolic_trace records no shapes; the probes need them
+    pass_ = adafuse_compile.passes.FuseMoLEPass()
+    with torch.no_grad():
+        pass_(gm)
+    gm.recompile()
+    assert [r.status for r in pass_.reports] == ["fused"]
+    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# What each project's code shape becomes (adafuse_compile.models.styles). MixLoRA's dispatch
+# breaks Dynamo's graph inside the loop, so Dynamo runs that forward eagerly: nothing to fuse.
+EXPECTED_GATE = {"mola": "top-k", "stacked": "top-k", "hydralora": "dense", "xlora": "dense",
+                 "loramoe": "dense", "peft": "static"}
+
+
+@pytest.mark.parametrize("style", sorted(EXPECTED_GATE))
+def test_every_project_style_is_fused_and_matches_float64(style):
+    from adafuse_compile.models.styles import StyledMLP
+
+    torch.manual_seed(0)
+    model = StyledMLP(style).eval()
+    x = torch.randn(2, 3, 48)
+    (gm,) = assert_equivalent(model, x, reduction=64)
+    assert count_calls(gm, _fused_site) == 2
+    # Only routers may remain as linears (static LoRA has none).
+    expected_linears = 0 if style == "peft" else 2
+    assert count_calls(gm, torch._C._nn.linear, F.linear) == expected_linears
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, x)
+    assert [(s.path, s.status, s.gate) for s in report.sites] == [
+        ("fc1", "fused", EXPECTED_GATE[style]), ("fc2", "fused", EXPECTED_GATE[style])]
+
+
+def test_mixlora_dispatch_is_left_to_eager_and_stays_correct():
+    from adafuse_compile.models.styles import StyledMLP
+
+    model = StyledMLP("mixlora").eval()
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        out, graphs = compile_and_capture(model, x)
+        report = adafuse_compile.explain(model, x)
+        torch.testing.assert_close(out, model(x))
+    assert all(count_calls(gm, _fused_site) == 0 for gm in graphs)
+    assert report.graph_breaks >= 1 and report.count("fused") == 0
