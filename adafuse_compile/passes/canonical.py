@@ -55,11 +55,26 @@ class Canonical:
     gate: str  # "top-k", "dense" or "static"
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DOWNCAST_METHODS = ("float", "half", "bfloat16")
+
+
+def _promote(value, dtype):
+    """``value`` (args or kwargs) with every floating dtype replaced by ``dtype``."""
+    if isinstance(value, torch.dtype):
+        return dtype if value in _FLOAT_DTYPES else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_promote(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _promote(v, dtype) for k, v in value.items()}
+    return value
+
+
 class _Evaluator:
     """Runs a site's nodes on probe values (float64 copies of the parameters)."""
 
     def __init__(self, gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor], dtype=None):
-        self.gm, self.site = gm, site
+        self.gm, self.site, self.dtype = gm, site, dtype
         self.params = {n: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
                        for n, v in params.items()}
 
@@ -68,10 +83,16 @@ class _Evaluator:
         for node in self.site.nodes:
             args = map_arg(node.args, env.__getitem__)
             kwargs = map_arg(node.kwargs, env.__getitem__)
+            target = node.target
+            if self.dtype is not None:  # replay the math, not the roundings: casts go to dtype
+                args, kwargs = _promote(args, self.dtype), _promote(kwargs, self.dtype)
+                if node.op == "call_method" and target in _DOWNCAST_METHODS:
+                    target = "to"
+                    args = (args[0], self.dtype)
             if node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
+                env[node] = target(*args, **kwargs)
             elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                env[node] = getattr(args[0], target)(*args[1:], **kwargs)
             elif node.op == "call_module":
                 env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
             else:
@@ -167,17 +188,15 @@ def _expert_candidates(site: Site, params: dict[fx.Node, torch.Tensor], in_f: in
                     if r_a == r_b and E_a in (1, E_b):
                         found.append((a, a_layout, b, b_layout, E_b, r_a))
     two_d = [p for p, s in shapes.items() if len(s) == 2]
-    b_list = sorted((p for p in two_d if shapes[p][0] == out_f), key=_natural_key)
-    a_list = sorted((p for p in two_d if shapes[p][1] == in_f and p not in b_list), key=_natural_key)
-    if b_list:
-        r = shapes[b_list[0]][1]
-        if all(shapes[p] == (out_f, r) for p in b_list):
-            a_rank = [p for p in a_list if shapes[p][0] == r]
-            if len(a_rank) == len(b_list):
-                found.append((a_rank, "list", b_list, "list", len(b_list), r))
-            elif len(a_rank) >= 1:  # a shared A (HydraLoRA); the router may also be [E, in]
-                for a in a_rank:
-                    found.append((a, "ri", b_list, "list", len(b_list), r))
+    for r in sorted({s[1] for p, s in shapes.items() if len(s) == 2 and s[0] == out_f}):
+        b_list = sorted((p for p in two_d if shapes[p] == (out_f, r)), key=_natural_key)
+        a_list = sorted((p for p in two_d if shapes[p] == (r, in_f) and p not in b_list), key=_natural_key)
+        if not a_list:
+            continue
+        if len(a_list) == len(b_list):
+            found.append((a_list, "list", b_list, "list", len(b_list), r))
+        for a in a_list if len(a_list) != len(b_list) else ():  # a shared A (HydraLoRA)
+            found.append((a, "ri", b_list, "list", len(b_list), r))
     return found
 
 
@@ -237,9 +256,9 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
 def _probe_runs(gm, site, params, x_shape):
     """Three probe runs of the site: ``(runs, evaluator, tolerance, reason)``.
 
-    Float64 first; graphs that cast explicitly (``.float()``, ``softmax(dtype=float32)``) can
-    mix dtypes in float64 replays, and then the probes run in the model's own dtypes, judged
-    at that dtype's tolerance.
+    Float64 first, with the graph's casts (``.to(bfloat16)``, ``.float()``, ``dtype=``) redirected
+    to float64 so the replay computes the site's math without its roundings. If that replay
+    fails, the probes run in the model's own dtypes, judged at that dtype's tolerance.
     """
     errors = []
     for dtype in (torch.float64, None):

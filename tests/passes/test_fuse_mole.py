@@ -5,7 +5,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adafuse_compile
@@ -24,6 +24,7 @@ def _ops(gm):
     return [n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
 
 
+@settings(max_examples=20)  # each example compiles: ~0.3 s
 @given(
     in_f=st.integers(3, 40), out_f=st.integers(1, 40), E=st.integers(1, 8), k_frac=st.floats(0, 1),
     r=st.integers(1, 16), gate=st.sampled_from(["softmax_topk", "topk_softmax", "dense", "top_p"]),
@@ -225,3 +226,43 @@ def test_mixlora_dispatch_is_left_to_eager_and_stays_correct():
         torch.testing.assert_close(out, model(x))
     assert all(count_calls(gm, _fused_site) == 0 for gm in graphs)
     assert report.graph_breaks >= 1 and report.count("fused") == 0
+
+
+def test_real_peft_lora_model_is_fused_and_matches():
+    peft = pytest.importorskip("peft")  # a test dependency (pyproject [test]); skipped only outside it
+    model = tiny_llama("tiny")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1,
+                             init_lora_weights=False)  # non-zero B, so the adapters matter
+    model = peft.get_peft_model(model, config).eval()
+    ids = torch.randint(0, 500, (2, 6))
+    (gm,) = assert_equivalent(model, ids, reduction=1024)
+    assert count_calls(gm, _fused_site) == 14
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, ids)
+    assert report.count("fused") == 14 and {s.gate for s in report.sites} == {"static"}
+
+
+@settings(max_examples=15)  # each example compiles: ~2 s
+@given(style=st.sampled_from(sorted(EXPECTED_GATE)), in_f=st.integers(5, 40), hidden=st.integers(3, 40),
+       E=st.integers(1, 6), r=st.integers(1, 8), k_frac=st.floats(0, 1), T=st.integers(1, 6))
+def test_styles_with_random_configs_are_fused_and_exact(style, in_f, hidden, E, r, k_frac, T):
+    from adafuse_compile.models.styles import StyledMLP
+
+    k = 1 + int(k_frac * (E - 1))
+    torch.manual_seed(E * 100 + r)
+    model = StyledMLP(style, in_f=in_f, hidden=hidden, out_f=7, experts=E, rank=r, top_k=k).eval()
+    (gm,) = assert_equivalent(model, torch.randn(T, in_f), reduction=in_f + hidden)
+    assert count_calls(gm, _fused_site) == 2
+
+
+def test_bfloat16_model_with_float32_routing():
+    """MixLoRA-style router_dtype: routing nodes stay as the model wrote them (float32)."""
+    layer = LoRAMoELinear(torch.nn.Linear(32, 24), experts=6, rank=4, top_k=2).to(torch.bfloat16).eval()
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, (gm,) = compile_and_capture(layer, x)
+        expected = layer(x)
+    assert count_calls(gm, _fused_site) == 1
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1.6e-2)
