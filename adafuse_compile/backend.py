@@ -13,16 +13,19 @@ import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import FuseMoLEPass, PassManager
+from .passes import FoldStaticLoRAPass, FuseMoLEPass, PassManager
+from .passes.manager import DERIVED_INPUTS, copy_graph
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["adafuse_backend", "build_pass_manager"]
+__all__ = ["adafuse_backend", "build_pass_manager", "compile_rewritten", "rewrite"]
 
 
 def build_pass_manager(opts: AdafuseOptions) -> PassManager:
     """The passes the options enable, in order."""
     passes = []
+    if opts.fold:
+        passes.append(FoldStaticLoRAPass())
     if opts.fuse:
         passes.append(FuseMoLEPass())
     return PassManager(passes, strict=opts.strict)
@@ -48,10 +51,35 @@ def adafuse_backend(
     ``mode`` is accepted for ``torch.compile``'s signature and passed to Inductor.
     """
     opts = AdafuseOptions.from_dict(options)
-    gm = build_pass_manager(opts)(gm, example_inputs)
+    return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
+
+
+def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> torch.fx.GraphModule:
+    """A rewritten copy of ``gm``. Dynamo keeps using its own graph (its placeholders must stay
+    as it made them), and passes may add inputs (see ``DERIVED_INPUTS``)."""
+    return build_pass_manager(opts)(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
+
+
+def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,
+                      mode: str | None = None) -> Callable:
+    """The inner compiler on a rewritten graph, fed the derived inputs the passes added."""
+    derived = gm.meta.get(DERIVED_INPUTS, [])
+    if derived:
+        example_inputs = [*example_inputs, *(d(example_inputs) for d in derived)]
     if opts.inner == "inductor" and mode is not None:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
-    return _inner_compiler(opts.inner)(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
+    else:
+        compiled = _inner_compiler(opts.inner)(gm, example_inputs)
+    return _with_derived_inputs(compiled, derived) if derived else compiled
+
+
+def _with_derived_inputs(compiled: Callable, derived: list) -> Callable:
+    """Call ``compiled`` with the passes' derived inputs appended (Dynamo passes only the originals)."""
+
+    def run(*args):
+        return compiled(*args, *(d(args) for d in derived))
+
+    return run

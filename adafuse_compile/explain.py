@@ -9,7 +9,7 @@ import torch
 
 from .backend import build_pass_manager
 from .options import AdafuseOptions
-from .passes import FuseMoLEPass, SiteReport
+from .passes import SiteReport
 from .passes.manager import copy_graph
 
 log = logging.getLogger("adafuse_compile")
@@ -64,13 +64,11 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     def collect(gm, example_inputs):
         nonlocal graphs
         graphs += 1
-        original = torch.fx.GraphModule(gm, copy_graph(gm))
         manager = build_pass_manager(opts)
-        manager(gm, example_inputs)
+        manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)  # as rewrite() does
         for p in manager.passes:
-            if isinstance(p, FuseMoLEPass):
-                reports.extend(p.reports)
-        return original.forward
+            reports.extend(getattr(p, "reports", []))
+        return gm.forward  # run the captured graph as it was
 
     from torch._dynamo.utils import counters
 

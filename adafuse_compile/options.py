@@ -18,12 +18,15 @@ class AdafuseOptions:
         inner: compiler for the graph after the adafuse passes: ``"inductor"`` (default),
             ``"eager"`` (run the rewritten FX graph as is; cheap, for tests) or ``"aot_eager"``.
         strict: if a pass raises, raise instead of warning and compiling the unrewritten graph.
+        fold: fold static LoRA sites (one adapter, no router) into their base weight
+            (:class:`adafuse_compile.passes.FoldStaticLoRAPass`); refolded when weights change.
         fuse: rewrite each verified MoLE site into one ``adafuse::lora_moe_linear`` call
             (:class:`adafuse_compile.passes.FuseMoLEPass`).
     """
 
     inner: str = "inductor"
     strict: bool = False
+    fold: bool = True
     fuse: bool = True
 
     def __post_init__(self) -> None:

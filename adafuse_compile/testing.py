@@ -54,15 +54,16 @@ def compile_and_capture(model, *args, options=None, **kwargs):
     assert which ops remain. ``options`` are the backend's (``inner`` defaults to ``"eager"``:
     the passes, not Inductor, are under test).
     """
-    from .backend import adafuse_backend
+    from .backend import compile_rewritten, rewrite
+    from .options import AdafuseOptions
 
     graphs = []
-    opts = {"inner": "eager", **(options or {})}
+    opts = AdafuseOptions.from_dict({"inner": "eager", **(options or {})})
 
     def capture(gm, example_inputs):
-        compiled = adafuse_backend(gm, example_inputs, options=opts)
-        graphs.append(gm)
-        return compiled
+        rewritten = rewrite(gm, example_inputs, opts)
+        graphs.append(rewritten)
+        return compile_rewritten(rewritten, example_inputs, opts)
 
     torch._dynamo.reset()
     try:

@@ -1,12 +1,14 @@
 """FX graph passes of the adafuse backend, each one rewrite, each usable on any GraphModule.
 
 :class:`PassManager` only orders and runs passes; the backend builds it from the options.
-Passes: :class:`FuseMoLEPass` (find sites, verify on probes, one fused op per site). Static-LoRA
-folding and router hoisting are to come.
+Passes, in order: :class:`FoldStaticLoRAPass` (static LoRA into the base weight),
+:class:`FuseMoLEPass` (find sites, verify on probes, one fused op per site). Router hoisting and
+pre-gate grouping are to come.
 """
 
+from .fold_lora import FoldStaticLoRAPass
 from .fuse_mole import FuseMoLEPass, SiteReport
 from .manager import GraphPass, PassManager
 from .sites import Site, find_sites
 
-__all__ = ["FuseMoLEPass", "GraphPass", "PassManager", "Site", "SiteReport", "find_sites"]
+__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "PassManager", "Site", "SiteReport", "find_sites"]

@@ -14,6 +14,10 @@ log = logging.getLogger("adafuse_compile")
 # ADAFUSE_DUMP_GRAPHS=1 logs the graph before and after each pass (at INFO).
 _DUMP_ENV = "ADAFUSE_DUMP_GRAPHS"
 
+# gm.meta key: inputs a pass added as placeholders at the end, each a callable of the original
+# inputs that the backend evaluates before every call (e.g. folded weights).
+DERIVED_INPUTS = "adafuse_derived_inputs"
+
 
 class GraphPass:
     """One rewrite of an FX graph. Subclasses implement :meth:`__call__` and mutate ``gm`` in place.
@@ -46,6 +50,7 @@ class PassManager:
             if dump:
                 log.info("graph before %s:\n%s", p.name, gm.graph)
             backup = copy_graph(gm)
+            derived = len(gm.meta.get(DERIVED_INPUTS, []))
             try:
                 p(gm, example_inputs)
                 gm.graph.lint()
@@ -55,6 +60,7 @@ class PassManager:
                     raise
                 log.warning("adafuse pass %s failed; continuing without it", p.name, exc_info=True)
                 gm.graph = backup
+                del gm.meta.get(DERIVED_INPUTS, [])[derived:]
                 gm.recompile()
             if dump:
                 log.info("graph after %s:\n%s", p.name, gm.graph)
