@@ -11,12 +11,13 @@ from __future__ import annotations
 from importlib import metadata
 
 from . import kernels  # registers torch.ops.adafuse.*
+from .api import compile
 from .backend import adafuse_backend
 from .explain import ExplainReport, explain
 from .merge_state import MergedGroup
 from .options import AdafuseOptions
 
-__all__ = ["AdafuseOptions", "ExplainReport", "MergedGroup", "adafuse_backend", "explain", "kernels"]
+__all__ = ["AdafuseOptions", "ExplainReport", "MergedGroup", "adafuse_backend", "compile", "explain", "kernels"]
 __version__ = "0.1.0"
 
 

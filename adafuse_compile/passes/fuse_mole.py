@@ -74,12 +74,13 @@ def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dt
     """The replacement, called from the graph: canonical layouts, then the fused op."""
     A = _as_canonical_A(A, A_layout)
     B = _as_canonical_B(B, B_layout)
-    if g is None:  # static LoRA
-        g = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
-    if idx is None:
-        idx = _dense_idx(g)
-    y = lora_moe_linear(x, weight, bias, A, B, idx.to(torch.int64), g, scale)
-    return y.to(out_dtype)
+    x2 = x.reshape(-1, x.shape[-1])  # routing may run on flattened tokens (MixLoRA): the
+    if g is None:  # static LoRA          # verification compared in this flattened order
+        g = torch.ones(x2.shape[0], 1, dtype=x.dtype, device=x.device)
+    g = g.reshape(-1, g.shape[-1])
+    idx = _dense_idx(g) if idx is None else idx.reshape(-1, g.shape[-1])
+    y = lora_moe_linear(x2, weight, bias, A, B, idx.to(torch.int64), g, scale)
+    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
 
 def _alias_group(node: fx.Node) -> set[fx.Node]:
@@ -96,6 +97,37 @@ def _alias_group(node: fx.Node) -> set[fx.Node]:
     return group
 
 
+def _is_size_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (
+        torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
+
+
+def _ancestors_until(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
+    """Nodes between ``node`` and the already-replaced nodes it is computed from."""
+    found, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in stop or n in found:
+            continue
+        found.add(n)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def _computed_only_from(node: fx.Node, replaced: set[fx.Node]) -> bool:
+    """Whether every path from ``node`` back to the graph inputs passes through ``replaced``."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in replaced or n in seen:
+            continue
+        if n.op == "placeholder" or n.op == "get_attr":
+            return False
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return True
+
+
 def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Erase the replaced sites' nodes that nothing uses any more.
 
@@ -105,11 +137,19 @@ def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     replaced node and nothing outside the group uses any of them.
     """
     candidates = set(nodes)
+    # Runtime asserts on the sizes of data-dependent ops (nonzero in token dispatch) are impure
+    # nodes that would keep the replaced dispatch alive; they check only values the replaced
+    # nodes computed, so they go with them.
+    for node in list(gm.graph.nodes):
+        if _is_size_assert(node) and node.all_input_nodes and _computed_only_from(node, candidates):
+            candidates.add(node)
+            candidates.update(_ancestors_until(node, candidates))
+            nodes = [*nodes, *(n for n in gm.graph.nodes if n in candidates and n not in nodes)]
     changed = True
     while changed:
         changed = False
         for node in reversed(nodes):
-            if node not in candidates or node.users or node.is_impure():
+            if node not in candidates or node.users or (node.is_impure() and not _is_size_assert(node)):
                 continue
             if is_inplace(node):
                 group = _alias_group(node)

@@ -218,7 +218,7 @@ def test_every_project_style_is_fused_and_matches_float64(style):
         ("fc1", status, EXPECTED_GATE[style]), ("fc2", status, EXPECTED_GATE[style])]
 
 
-def test_mixlora_dispatch_is_left_to_eager_and_stays_correct():
+def test_mixlora_dispatch_under_plain_torch_compile_is_left_to_eager_and_stays_correct():
     from adafuse_compile.models.styles import StyledMLP
 
     model = StyledMLP("mixlora").eval()
@@ -269,3 +269,25 @@ def test_bfloat16_model_with_float32_routing():
     assert count_calls(gm, _fused_site) == 1
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_mixlora_dispatch_is_fused_by_adafuse_compile():
+    """adafuse_compile.compile captures nonzero-based dispatch in one graph; the fused graph has
+    no nonzero/where, index_add_ or size asserts left (Inductor compiles it)."""
+    from adafuse_compile.models.styles import StyledMLP
+
+    torch.manual_seed(0)
+    model = StyledMLP("mixlora").eval()
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        out, (gm,) = compile_and_capture(model, x)
+        torch.testing.assert_close(out, model(x))
+        report = adafuse_compile.explain(model, x)
+    assert count_calls(gm, _fused_site) == 2
+    assert count_calls(gm, torch.where, "index_add_", torch.ops.aten._assert_scalar.default) == 0
+    assert [s.status for s in report.sites] == ["fused", "fused"]
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    with torch.no_grad():
+        fast = adafuse_compile.compile(model, inner="eager")
+        torch.testing.assert_close(fast(x), model(x))
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops  # scoped, not global
