@@ -21,14 +21,23 @@ log = logging.getLogger("adafuse_compile")
 __all__ = ["adafuse_backend", "build_pass_manager", "compile_rewritten", "rewrite"]
 
 
-def build_pass_manager(opts: AdafuseOptions) -> PassManager:
+def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
     passes = []
     if opts.fold:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
-        passes.append(FuseMoLEPass())
+        passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs)))
     return PassManager(passes, strict=opts.strict)
+
+
+def resolve_lowering(opts: AdafuseOptions, example_inputs=None) -> str:
+    """``"auto"``: Inductor's own code for CPU graphs (it fuses the gathers into its kernels;
+    the opaque op costs a dispatcher call per site), the custom op everywhere else."""
+    if opts.lowering != "auto":
+        return opts.lowering
+    on_cpu = not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs or ())
+    return "decomposed" if opts.inner == "inductor" and on_cpu else "op"
 
 
 def _inner_compiler(name: str) -> Callable:
@@ -57,7 +66,7 @@ def adafuse_backend(
 def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> torch.fx.GraphModule:
     """A rewritten copy of ``gm``. Dynamo keeps using its own graph (its placeholders must stay
     as it made them), and passes may add inputs (see ``DERIVED_INPUTS``)."""
-    return build_pass_manager(opts)(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
+    return build_pass_manager(opts, example_inputs)(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
 
 
 def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,

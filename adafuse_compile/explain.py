@@ -64,7 +64,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     def collect(gm, example_inputs):
         nonlocal graphs
         graphs += 1
-        manager = build_pass_manager(opts)
+        manager = build_pass_manager(opts, example_inputs)
         manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)  # as rewrite() does
         for p in manager.passes:
             reports.extend(getattr(p, "reports", []))

@@ -116,3 +116,51 @@ def count_calls(gm: torch.fx.GraphModule, *targets) -> int:
         1 for n in gm.graph.nodes
         if n.op in ("call_function", "call_method") and (n.target in targets)
     )
+
+
+def check_pass(graph_pass, gm: torch.fx.GraphModule, *inputs, example_inputs=None, reduction: int = 256):
+    """Apply ``graph_pass`` to a copy of ``gm`` and assert it computes what ``gm`` computes.
+
+    For property tests of one pass on any GraphModule (``symbolic_trace`` graphs need shapes:
+    run ``torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs)`` first). Returns the
+    rewritten copy so the caller can assert which ops remain.
+    """
+    from .passes.manager import copy_graph
+
+    rewritten = torch.fx.GraphModule(gm, copy_graph(gm))
+    with torch.no_grad():
+        expected = _first_tensor(gm(*inputs))
+        graph_pass(rewritten, example_inputs)
+        rewritten.graph.lint()
+        rewritten.recompile()
+        actual = _first_tensor(rewritten(*inputs))
+    assert_close_to_reference(actual, expected.double(), reduction=reduction, msg=f"{type(graph_pass).__name__}")
+    return rewritten
+
+
+def mole_configs():
+    """Hypothesis strategy of MoLE layer configurations: sizes that are not powers of two,
+    E 1..8, k <= E, r 1..16, every gate, shared A or not, token shapes including one token.
+
+    Draws dicts with keys ``in_f, out_f, experts, top_k, rank, gate, shared_A, tokens``; build
+    a layer with ``LoRAMoELinear(nn.Linear(in_f, out_f), experts=..., rank=..., top_k=..., ...)``.
+    """
+    from hypothesis import strategies as st
+
+    from .models.layers import GATES
+
+    @st.composite
+    def configs(draw):
+        experts = draw(st.integers(1, 8))
+        return {
+            "in_f": draw(st.integers(3, 72)),
+            "out_f": draw(st.integers(1, 72)),
+            "experts": experts,
+            "top_k": draw(st.integers(1, experts)),
+            "rank": draw(st.integers(1, 16)),
+            "gate": draw(st.sampled_from(GATES)),
+            "shared_A": draw(st.booleans()),
+            "tokens": draw(st.sampled_from([(1,), (1, 1), (5,), (2, 3), (3, 17)])),
+        }
+
+    return configs()

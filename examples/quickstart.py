@@ -2,9 +2,10 @@
 
 Builds a small random Llama from a transformers config (seeded, no downloads), puts LoRA-MoE
 adapters (E=8 experts, top-2, rank 8) on all seven projections, then checks that the compiled
-model gives the eager logits and times both, interleaved in one process.
+model gives the eager logits, times both (interleaved in one process), and says what the
+passes did to each adapter site.
 
-    python examples/quickstart.py [--size tiny|small|medium] [--tokens 16]
+    python examples/quickstart.py [--size tiny|small|medium] [--tokens 16] [--explain]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+import adafuse_compile
 from adafuse_compile.models import adapter_sites, add_lora_moe, tiny_llama
 
 
@@ -35,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="MoLE Llama: eager vs backend='adafuse'")
     ap.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
     ap.add_argument("--tokens", type=int, default=16, help="tokens per forward (batch 1)")
+    ap.add_argument("--explain", action="store_true", help="print the per-site table of explain()")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -54,6 +57,12 @@ def main() -> None:
         eager_ms = median_ms(lambda: model(ids))
         fast_ms = median_ms(lambda: fast(ids))
     print(f"forward: eager {eager_ms:.1f} ms, adafuse {fast_ms:.1f} ms ({eager_ms / fast_ms:.2f}x)")
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, ids)
+    print(f"explain: {report.count('fused')} of {len(report.sites)} sites fused, "
+          f"{report.count('left')} left" + ("" if args.explain else "  (--explain prints the table)"))
+    if args.explain:
+        print(report)
     if not diff < 1e-3:
         raise SystemExit(f"compiled logits differ from eager by {diff}")
 

@@ -18,3 +18,4 @@ def test_quickstart_runs_and_matches_eager():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "max |logits diff| adafuse vs eager" in out.stdout
     assert "forward: eager" in out.stdout
+    assert "explain: 14 of 14 sites fused" in out.stdout

@@ -52,7 +52,7 @@ class Canonical:
     rank: int
     k: int
     scale: float
-    gate: str  # "top-k", "dense" or "static"
+    gate: str  # see _gate_variant: softmax_topk, topk_softmax, top_p, topk, dense or static
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,13 +70,19 @@ def _promote(value, dtype):
     return value
 
 
+def _as_probe_value(v, dtype):
+    if not isinstance(v, torch.Tensor):
+        return v  # a size
+    v = v.detach()
+    return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+
 class _Evaluator:
     """Runs a site's nodes on probe values (float64 copies of the parameters)."""
 
     def __init__(self, gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor], dtype=None):
         self.gm, self.site, self.dtype = gm, site, dtype
-        self.params = {n: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
-                       for n, v in params.items()}
+        self.params = {n: _as_probe_value(v, dtype) for n, v in params.items()}
 
     def run(self, x: torch.Tensor) -> dict[fx.Node, object]:
         env: dict[fx.Node, object] = {self.site.x: x, **self.params}
@@ -155,6 +161,34 @@ def _decision_candidates(site: Site, values: dict):
     return out
 
 
+_SOFTMAX = ("softmax", "_softmax")
+_MASKING = ("where", "masked_fill", "mul")
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
+    """The gate variant (MISSION.md's names) from the nodes between the router and ``g``.
+
+    Only a label for reports: the rewrite reuses the model's own routing nodes whatever it is.
+    """
+    if kind != "top-k":
+        return kind
+    between = (_ancestors(g) | {g}) - _ancestors(source) - {source}
+    before = _ancestors(source)
+    if any(_name(n) in _SOFTMAX for n in between):
+        return "topk_softmax"
+    if any(_name(n) in _SOFTMAX for n in before):
+        if any(_name(n) in ("truediv", "div", "itruediv") for n in between):
+            return "softmax_topk"
+        if any(_name(n) in _MASKING for n in between):
+            return "top_p"
+        return "softmax_topk (not renormalized)"
+    return "topk"
+
+
 def _ancestors(node: fx.Node) -> set[fx.Node]:
     seen, stack = set(), list(node.all_input_nodes)
     while stack:
@@ -219,17 +253,35 @@ def stack_experts(A, A_layout, B, B_layout, values):
     return A_t, B_t
 
 
-def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor]) -> tuple[Canonical | None, str]:
-    """A verified canonical form of ``site``, or ``(None, reason)``."""
+def _concrete(shape):
+    """A shape with symbolic sizes replaced by this example's values (their hints)."""
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            hint = d.node.hint
+            if hint is None:
+                return None
+            d = int(hint)
+        out.append(int(d))
+    return tuple(out)
+
+
+def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor],
+                 sizes: dict[fx.Node, int] | None = None) -> tuple[Canonical | None, str]:
+    """A verified canonical form of ``site``, or ``(None, reason)``.
+
+    ``sizes`` binds symbolic-size placeholders (dynamic shapes) to this example's sizes: the
+    probes then have this example's shape, and the rewrite itself is shape-agnostic.
+    """
     x_shape = _shape(site.x)
-    out_shape = _shape(site.out)
-    if x_shape is None or out_shape is None:
+    if x_shape is None or _shape(site.out) is None:
         return None, "no example value for the site's input or output"
-    if not all(isinstance(d, int) for d in x_shape):
-        return None, "symbolic input shape: probing needs concrete shapes (not supported yet)"
+    x_shape = _concrete(x_shape)
+    if x_shape is None:
+        return None, "the input's shape has a data-dependent size with no example value"
     W = params[site.weight]
     out_f, in_f = W.shape
-    runs, ev, tolerance, why = _probe_runs(gm, site, params, x_shape)
+    runs, ev, tolerance, why = _probe_runs(gm, site, {**params, **(sizes or {})}, x_shape)
     if runs is None:
         return None, why
     decisions = _decision_candidates(site, runs[0])
@@ -240,13 +292,14 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
         return None, "no expert parameters of LoRA shape ([E, r, in] / [E, out, r] or per-expert [r, in] / [out, r])"
     b = ev.params[site.bias].double() if site.bias is not None else None
     for A, A_layout, B, B_layout, E, r in experts:
-        for idx, g, k, gate, _ in decisions:
+        for idx, g, k, gate, source in decisions:
             if (gate == "dense" and k != E) or (gate == "static" and E != 1):
                 continue
             verdict = _fit_and_verify(ev.params, site, runs, ev.params[site.weight].double(), b,
                                       (A, A_layout, B, B_layout), idx, g, E, tolerance)
             if verdict is not None:
-                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, verdict, gate), "verified"
+                variant = _gate_variant(gate, source, g)
+                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, verdict, variant), "verified"
     if len(decisions) == 1:
         return None, "no routing decision found (a top-k, or a softmax over the experts), and not a static LoRA"
     return None, (f"no canonical form reproduced the site on probes ({len(experts)} expert layouts x "

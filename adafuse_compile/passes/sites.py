@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "Rejected", "find_sites", "parameter_values", "is_linear", "is_inplace"]
+__all__ = ["Site", "Rejected", "find_sites", "parameter_values", "size_values", "is_linear", "is_inplace"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -67,6 +67,18 @@ def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_TARGETS:
         return len(node.args) == 2 and not node.kwargs
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def size_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, int]:
+    """Symbolic-size placeholders (dynamic shapes) with the sizes of this example."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sizes = {}
+    for n, v in zip(placeholders, example_inputs or ()):
+        if _is_size(n):
+            hint = v.node.hint if isinstance(v, torch.SymInt) else v
+            if hint is not None:
+                sizes[n] = int(hint)
+    return sizes
 
 
 def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
@@ -132,6 +144,20 @@ def is_inplace(node: fx.Node) -> bool:
     return False
 
 
+def _why_not_a_leaf(node: fx.Node) -> str:
+    val = node.meta.get("example_value")
+    if isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point():
+        return (f"an adapter term reads the scalar input {node.name}: a Python float that Dynamo "
+                "passes as an input (dynamic=True); a scale that can change is not baked into a "
+                "rewrite (compile without dynamic=True, or with automatic dynamic shapes)")
+    return (f"an adapter term reads {node.name} besides the linear's input and parameters "
+            "(e.g. a shared pre-gate decision; grouping such sites is not implemented yet)")
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value"), (torch.SymInt, int))
+
+
 def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor]):
     """Backward slice of ``term`` stopping at ``x`` and parameters; ``(nodes, param_leaves, bad_leaf)``.
 
@@ -152,6 +178,8 @@ def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor]):
         if n in params:
             leaves.append(n)
             continue
+        if n.op == "placeholder" and _is_size(n):
+            continue  # a symbolic size (dynamic shapes): bound to its example value when probing
         if n.op in ("placeholder", "get_attr"):
             return None, None, n
         nodes.append(n)
@@ -205,11 +233,7 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
                 break
             term_nodes, term_leaves, bad = _slice(term, x, params)
             if bad is not None:
-                if isinstance(bad.meta.get("example_value"), torch.SymInt):
-                    reason = "symbolic shapes inside the adapter are not supported yet"
-                else:
-                    reason = (f"an adapter term reads {bad.name} besides the linear's input and parameters "
-                              "(e.g. a shared pre-gate decision; grouping such sites is not implemented yet)")
+                reason = _why_not_a_leaf(bad)
                 break
             if base in term_nodes:
                 reason = "an adapter term reads the base linear's output"

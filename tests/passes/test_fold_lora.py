@@ -32,7 +32,7 @@ def test_fold_is_skipped_for_unchanged_weights():
     from adafuse_compile.passes.fold_lora import FoldedWeights
 
     W, A, B = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
-    folder = FoldedWeights(0, (1,), (2,), "list", "list", 2.0)
+    folder = FoldedWeights((0, 1, 2), n_A=1, A_layout="list", B_layout="list", scale=2.0)
     first = folder([W, A, B])
     torch.testing.assert_close(first, W + 2.0 * B @ A)
     assert folder([W, A, B]) is first  # cached: no work per call

@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from adafuse_compile.models.layers import LoRAMoELinear
 from adafuse_compile.passes.fuse_mole import _fused_site
-from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
+from adafuse_compile.testing import assert_equivalent, check_pass, compile_and_capture, count_calls, mole_configs
 
 # Ops that make up an unfused adapter: none may survive at a fused site.
 ADAPTER_OPS = (torch.functional.einsum, torch.einsum, torch.bmm, operator.getitem, torch.Tensor.index_add_)
@@ -25,18 +25,14 @@ def _ops(gm):
 
 
 @settings(max_examples=20)  # each example compiles: ~0.3 s
-@given(
-    in_f=st.integers(3, 40), out_f=st.integers(1, 40), E=st.integers(1, 8), k_frac=st.floats(0, 1),
-    r=st.integers(1, 16), gate=st.sampled_from(["softmax_topk", "topk_softmax", "dense", "top_p"]),
-    shared_A=st.booleans(), lead=st.sampled_from([(1,), (5,), (2, 3)]), seed=st.integers(0, 999),
-)
-def test_reference_layer_is_fused_and_matches_float64(in_f, out_f, E, k_frac, r, gate, shared_A, lead, seed):
-    k = 1 + int(k_frac * (E - 1))
+@given(cfg=mole_configs(), seed=st.integers(0, 999))
+def test_reference_layer_is_fused_and_matches_float64(cfg, seed):
     torch.manual_seed(seed)
-    layer = LoRAMoELinear(torch.nn.Linear(in_f, out_f), experts=E, rank=r, top_k=k, gate=gate,
-                          shared_A=shared_A, seed=seed).eval()
-    x = torch.randn(*lead, in_f)
-    graphs = assert_equivalent(layer, x, reduction=in_f + k * r)
+    layer = LoRAMoELinear(torch.nn.Linear(cfg["in_f"], cfg["out_f"]), experts=cfg["experts"],
+                          rank=cfg["rank"], top_k=cfg["top_k"], gate=cfg["gate"],
+                          shared_A=cfg["shared_A"], seed=seed).eval()
+    x = torch.randn(*cfg["tokens"], cfg["in_f"])
+    graphs = assert_equivalent(layer, x, reduction=cfg["in_f"] + cfg["top_k"] * cfg["rank"])
     (gm,) = graphs
     assert count_calls(gm, _fused_site) == 1
     assert count_calls(gm, torch.functional.einsum, torch.einsum) == 0
@@ -184,16 +180,15 @@ def test_passes_apply_to_a_symbolic_trace_graph():
     expected = gm(x)
     ShapeProp(gm).propagate(x)  # symbolic_trace records no shapes; the probes need them
     pass_ = adafuse_compile.passes.FuseMoLEPass()
-    with torch.no_grad():
-        pass_(gm)
-    gm.recompile()
+    rewritten = check_pass(pass_, gm, x, reduction=30)
     assert [r.status for r in pass_.reports] == ["fused"]
-    torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+    assert count_calls(rewritten, _fused_site) == 1
+    torch.testing.assert_close(rewritten(x), expected, rtol=1e-5, atol=1e-5)
 
 
 # What each project's code shape becomes (adafuse_compile.models.styles). MixLoRA's dispatch
 # breaks Dynamo's graph inside the loop, so Dynamo runs that forward eagerly: nothing to fuse.
-EXPECTED_GATE = {"mola": "top-k", "stacked": "top-k", "hydralora": "dense", "xlora": "dense",
+EXPECTED_GATE = {"mola": "softmax_topk", "stacked": "topk_softmax", "hydralora": "dense", "xlora": "dense",
                  "loramoe": "dense", "peft": "static"}
 
 
@@ -291,3 +286,60 @@ def test_mixlora_dispatch_is_fused_by_adafuse_compile():
         fast = adafuse_compile.compile(model, inner="eager")
         torch.testing.assert_close(fast(x), model(x))
     assert not torch._dynamo.config.capture_dynamic_output_shape_ops  # scoped, not global
+
+
+def _capturing_backend(graphs, **options):
+    from adafuse_compile.backend import compile_rewritten, rewrite
+    from adafuse_compile.options import AdafuseOptions
+
+    opts = AdafuseOptions.from_dict({"inner": "eager", **options})
+
+    def backend(gm, example_inputs):
+        rewritten = rewrite(gm, example_inputs, opts)
+        graphs.append(rewritten)
+        return compile_rewritten(rewritten, example_inputs, opts)
+
+    return backend
+
+
+def test_recompile_with_symbolic_token_count_still_fuses():
+    """A second token count makes Dynamo recompile with symbolic sizes: probes use this call's."""
+    from adafuse_compile.models.styles import StyledMLP
+
+    model = StyledMLP("mola").eval()
+    graphs = []
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=_capturing_backend(graphs))
+    with torch.no_grad():
+        for T in (3, 7, 11):
+            x = torch.randn(2, T, 48)
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # static, then dynamic: no recompile for T=11
+    assert all(count_calls(gm, _fused_site) == 2 for gm in graphs)
+    sizes = [n for n in graphs[1].graph.nodes if n.op == "placeholder"
+             and isinstance(n.meta.get("example_value"), torch.SymInt)]
+    assert sizes, "the second graph should have symbolic sizes"
+
+
+def test_dynamic_true_float_scale_is_left_with_a_reason():
+    """dynamic=True passes Python floats (the LoRA scaling) as inputs: never baked into a rewrite."""
+    layer = LoRAMoELinear(torch.nn.Linear(16, 12), experts=4, rank=3, top_k=2).eval()
+    graphs = []
+    torch._dynamo.reset()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        out = torch.compile(layer, backend=_capturing_backend(graphs), dynamic=True)(x)
+        torch.testing.assert_close(out, layer(x))
+    torch._dynamo.reset()
+    assert count_calls(graphs[0], _fused_site) == 0
+
+
+@pytest.mark.parametrize("gate", ["softmax_topk", "topk_softmax", "dense", "top_p"])
+def test_explain_names_the_gate_variant(gate):
+    layer = LoRAMoELinear(torch.nn.Linear(20, 12), experts=5, rank=3, top_k=3, gate=gate).eval()
+    with torch.no_grad():
+        report = adafuse_compile.explain(layer, torch.randn(4, 20))
+    (site,) = report.sites
+    assert (site.status, site.gate, site.experts, site.k, site.rank) == (
+        "fused", gate, 5, 5 if gate == "dense" else 3, 3)

@@ -1,0 +1,63 @@
+"""Graph inputs computed from other graph inputs before each call, cached until those change.
+
+A pass that wants a tensor precomputed from parameters (a folded weight, stacked experts) adds
+a placeholder and registers a :class:`DerivedInput` in ``gm.meta[DERIVED_INPUTS]``; the backend
+evaluates it on the live inputs before every call. The result is cached by the identity and
+version counter of the tensors it reads: in-place updates (``copy_``, ``load_state_dict``) bump
+the version and a new tensor object is a new identity, so a stale value is never used, and an
+unchanged one costs a version check per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from .manager import DERIVED_INPUTS
+
+__all__ = ["DerivedInput", "StackedTensors", "add_derived_input"]
+
+
+@dataclasses.dataclass
+class DerivedInput:
+    """``compute(*inputs[positions])``, recomputed only when one of those tensors changed."""
+
+    positions: tuple[int, ...]
+    # The tensors last used (held, not ids: a freed tensor's id can come back for a new one).
+    _tensors: list = dataclasses.field(default_factory=list, repr=False)
+    _versions: tuple = dataclasses.field(default=(), repr=False)
+    _value: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+
+    def compute(self, *tensors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, inputs) -> torch.Tensor:
+        tensors = [inputs[i] for i in self.positions]
+        versions = tuple(t._version for t in tensors)
+        same = len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors))
+        if not same or versions != self._versions:
+            with torch.no_grad():
+                self._value = self.compute(*tensors)
+            self._tensors, self._versions = tensors, versions
+        return self._value
+
+
+@dataclasses.dataclass
+class StackedTensors(DerivedInput):
+    """``torch.stack`` of per-expert matrices: done once, not on every call."""
+
+    def compute(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.stack(tensors)
+
+
+def add_derived_input(gm: fx.GraphModule, derived: DerivedInput, name: str, like: fx.Node | None = None) -> fx.Node:
+    """A new last placeholder fed by ``derived``; shape metadata copied from ``like`` (same shape)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with gm.graph.inserting_after(placeholders[-1]):
+        node = gm.graph.placeholder(name)
+    if like is not None:  # shape and dtype only: Dynamo reads "grapharg" to know what it passes
+        node.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val")})
+    gm.meta.setdefault(DERIVED_INPUTS, []).append(derived)
+    return node
