@@ -25,9 +25,10 @@ class AdafuseOptions:
             (:class:`adafuse_compile.passes.FuseMoLEPass`).
         lowering: what a fused site becomes: ``"op"`` (the custom op: C++ kernel on CPU, Triton
             on CUDA), ``"decomposed"`` (the gathered form in plain torch ops, for Inductor to
-            fuse), or ``"auto"`` (default): decomposed when Inductor compiles for CPU, where it
-            measured faster (medium model, batch-1 decode: op 1.16x backbone, Inductor's own
-            code 1.08x), the op otherwise.
+            fuse), or ``"auto"`` (default): decomposed when Inductor compiles for CPU, the op
+            otherwise. Medium model, batch-1 decode (benchmarks/bench_decode.py): equal within
+            noise (MoLA style 1.18 vs 1.19x the backbone; stacked 1.10 vs 1.10), but one earlier
+            run had the op at 1.16x where Inductor's own code for the same site was 1.08x.
     """
 
     inner: str = "inductor"

@@ -234,23 +234,26 @@ def _expert_candidates(site: Site, params: dict[fx.Node, torch.Tensor], in_f: in
     return found
 
 
+def canonical_A(A, layout: str) -> torch.Tensor:
+    """``A [E or 1, r, in]`` from a site's tensor(s) in ``layout`` (see :class:`Canonical`)."""
+    if layout == "list":
+        return torch.stack(A)
+    if layout == "ri":
+        return A.unsqueeze(0)
+    return A.transpose(1, 2) if layout == "eir" else A
+
+
+def canonical_B(B, layout: str) -> torch.Tensor:
+    """``B [E, out, r]`` from a site's tensor(s) in ``layout``."""
+    if layout == "list":
+        return torch.stack(B)
+    return B.transpose(1, 2) if layout == "ero" else B
+
+
 def stack_experts(A, A_layout, B, B_layout, values):
-    """Canonical ``A [E or 1, r, in]`` and ``B [E, out, r]`` tensors from nodes' values."""
-    if A_layout == "list":
-        A_t = torch.stack([values[a] for a in A])
-    elif A_layout == "ri":
-        A_t = values[A].unsqueeze(0)
-    elif A_layout == "eir":
-        A_t = values[A].transpose(1, 2)
-    else:
-        A_t = values[A]
-    if B_layout == "list":
-        B_t = torch.stack([values[b] for b in B])
-    elif B_layout == "ero":
-        B_t = values[B].transpose(1, 2)
-    else:
-        B_t = values[B]
-    return A_t, B_t
+    """Canonical ``A`` and ``B`` tensors for expert nodes (or node lists), from ``values``."""
+    get = lambda n: [values[m] for m in n] if isinstance(n, list) else values[n]  # noqa: E731
+    return canonical_A(get(A), A_layout), canonical_B(get(B), B_layout)
 
 
 def _concrete(shape):

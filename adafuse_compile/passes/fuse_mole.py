@@ -15,8 +15,8 @@ After::
 
 Only sites whose canonical form was verified on probes are rewritten
 (:mod:`.canonical`); every other site is left exactly as it was, with the reason in the report.
-Per-expert parameter lists are stacked in the graph on every call (a copy of all experts'
-weights per call; stacked parameters are used as they are).
+Per-expert parameter lists are stacked once into derived inputs (:mod:`.derived`), not on every
+call. ``lowering="decomposed"`` emits the gathered form in plain torch ops instead of the op.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from ..kernels import lora_moe_linear
 from ..kernels.reference import lora_moe_linear_ref
-from .canonical import Canonical, canonicalize, node_value_meta
+from .canonical import Canonical, canonical_A, canonical_B, canonicalize, node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import find_sites, is_inplace, parameter_values, size_values
@@ -58,28 +58,13 @@ def _dense_idx(g: torch.Tensor) -> torch.Tensor:
     return torch.arange(g.shape[-1], device=g.device).expand(g.shape)
 
 
-def _as_canonical_A(A, layout):
-    if layout == "list":
-        return torch.stack(A)
-    if layout == "ri":
-        return A.unsqueeze(0)
-    return A.transpose(1, 2) if layout == "eir" else A
-
-
-def _as_canonical_B(B, layout):
-    if layout == "list":
-        return torch.stack(B)
-    return B.transpose(1, 2) if layout == "ero" else B
-
-
 def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering="op"):
     """The replacement, called from the graph: canonical layouts, then the fused op.
 
     ``lowering="decomposed"`` computes the same thing in plain torch ops (the gathered form of
     :func:`~adafuse_compile.kernels.reference.lora_moe_linear_ref`) for Inductor to fuse.
     """
-    A = _as_canonical_A(A, A_layout)
-    B = _as_canonical_B(B, B_layout)
+    A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
     x2 = x.reshape(-1, x.shape[-1])  # routing may run on flattened tokens (MixLoRA): the
     if g is None:  # static LoRA          # verification compared in this flattened order
         g = torch.ones(x2.shape[0], 1, dtype=x.dtype, device=x.device)
@@ -151,7 +136,7 @@ def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         if _is_size_assert(node) and node.all_input_nodes and _computed_only_from(node, candidates):
             candidates.add(node)
             candidates.update(_ancestors_until(node, candidates))
-            nodes = [*nodes, *(n for n in gm.graph.nodes if n in candidates and n not in nodes)]
+    nodes = [n for n in gm.graph.nodes if n in candidates]  # graph order
     changed = True
     while changed:
         changed = False
