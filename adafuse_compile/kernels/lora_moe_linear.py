@@ -66,7 +66,7 @@ def check_lora_moe_args(x, weight, bias, A, B, idx, g, check=torch._check) -> No
     check(idx.dtype == torch.int64, lambda: f"idx must be int64, got {idx.dtype}")
     check(g.is_floating_point(), lambda: f"g must be floating point, got {g.dtype}")
     for name, t in (("weight", weight), ("A", A), ("B", B)):
-        check(t.dtype == x.dtype, lambda: f"{name} is {t.dtype} but x is {x.dtype}")
+        check(t.dtype == x.dtype, lambda name=name, t=t: f"{name} is {t.dtype} but x is {x.dtype}")
     if bias is not None:
         check(bias.shape == (out_f,), lambda: f"bias must be [{out_f}], got {tuple(bias.shape)}")
         check(bias.dtype == x.dtype, lambda: f"bias is {bias.dtype} but x is {x.dtype}")

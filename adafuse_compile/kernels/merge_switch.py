@@ -39,16 +39,21 @@ def _check_group(weights, As, Bs, scales, sources=None) -> None:
     if sources is not None:
         torch._check(len(sources) == n, lambda: f"{len(sources)} bases for {n} weights")
     for i, (W, A, B) in enumerate(zip(weights, As, Bs)):
-        torch._check(W.dim() == 2 and A.dim() == 3 and B.dim() == 3, lambda: f"site {i}: bad ranks")
-        torch._check(
-            B.shape[1] == W.shape[0] and A.shape[2] == W.shape[1] and A.shape[1] == B.shape[2],
-            lambda: f"site {i}: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} disagree",
-        )
-        torch._check(A.shape[0] in (1, B.shape[0]), lambda: f"site {i}: A has {A.shape[0]} experts")
-        torch._check(B.shape[0] == Bs[0].shape[0], lambda: "all sites of a group need the same E")
-        torch._check(A.dtype == W.dtype and B.dtype == W.dtype, lambda: f"site {i}: dtypes differ")
-        if sources is not None:
-            torch._check(sources[i].shape == W.shape, lambda: f"site {i}: base shape differs")
+        _check_site(i, W, A, B, Bs[0].shape[0], None if sources is None else sources[i])
+
+
+def _check_site(i, W, A, B, E, source) -> None:
+    """One site of a group (a function, so the messages bind this site's values)."""
+    torch._check(W.dim() == 2 and A.dim() == 3 and B.dim() == 3, lambda: f"site {i}: bad ranks")
+    torch._check(
+        B.shape[1] == W.shape[0] and A.shape[2] == W.shape[1] and A.shape[1] == B.shape[2],
+        lambda: f"site {i}: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} disagree",
+    )
+    torch._check(A.shape[0] in (1, B.shape[0]), lambda: f"site {i}: A has {A.shape[0]} experts")
+    torch._check(B.shape[0] == E, lambda: "all sites of a group need the same E")
+    torch._check(A.dtype == W.dtype and B.dtype == W.dtype, lambda: f"site {i}: dtypes differ")
+    if source is not None:
+        torch._check(source.shape == W.shape, lambda: f"site {i}: base shape differs")
 
 
 def _check_decision(idx, g, name) -> None:
