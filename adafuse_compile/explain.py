@@ -43,6 +43,9 @@ class ExplainReport:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         for reason in self.break_reasons:
             lines.append(f"graph break: {reason}")
+        if self.graph_breaks:
+            lines.append("adapter code Dynamo did not capture in a graph runs eagerly and is not rewritten; "
+                         "adafuse_compile.compile() captures data-dependent dispatch (nonzero/where)")
         return "\n".join(lines)
 
 

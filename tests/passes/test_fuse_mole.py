@@ -224,6 +224,7 @@ def test_mixlora_dispatch_under_plain_torch_compile_is_left_to_eager_and_stays_c
         torch.testing.assert_close(out, model(x))
     assert all(count_calls(gm, _fused_site) == 0 for gm in graphs)
     assert report.graph_breaks >= 1 and report.count("fused") == 0
+    assert "adafuse_compile.compile()" in str(report)  # says why, and what to do
 
 
 def test_real_peft_lora_model_is_fused_and_matches():
