@@ -59,6 +59,8 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     The captured graphs are rewritten but never compiled: each graph runs once unrewritten (as
     eager would) so that Dynamo can continue past graph breaks. Call it in the grad mode you will
     run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
+    It resets Dynamo (``torch._dynamo.reset()``) before and after, so that every frame is
+    captured afresh: models compiled earlier in the process recompile on their next call.
     """
     opts = AdafuseOptions.from_dict(options)
     reports: list[SiteReport] = []
