@@ -63,10 +63,13 @@ def adafuse_backend(
     return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
 
 
-def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> torch.fx.GraphModule:
+def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,
+            manager: PassManager | None = None) -> torch.fx.GraphModule:
     """A rewritten copy of ``gm``. Dynamo keeps using its own graph (its placeholders must stay
-    as it made them), and passes may add inputs (see ``DERIVED_INPUTS``)."""
-    return build_pass_manager(opts, example_inputs)(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
+    as it made them), and passes may add inputs (see ``DERIVED_INPUTS``). ``manager`` defaults
+    to the one the options build; pass one to read its passes' reports afterwards."""
+    manager = manager or build_pass_manager(opts, example_inputs)
+    return manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
 
 
 def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,

@@ -7,10 +7,9 @@ import logging
 
 import torch
 
-from .backend import build_pass_manager
+from .backend import build_pass_manager, rewrite
 from .options import AdafuseOptions
 from .passes import SiteReport
-from .passes.manager import copy_graph
 
 log = logging.getLogger("adafuse_compile")
 
@@ -70,7 +69,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         nonlocal graphs
         graphs += 1
         manager = build_pass_manager(opts, example_inputs)
-        manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)  # as rewrite() does
+        rewrite(gm, example_inputs, opts, manager)
         for p in manager.passes:
             reports.extend(getattr(p, "reports", []))
         return gm.forward  # run the captured graph as it was

@@ -31,7 +31,7 @@ from .canonical import canonicalize, stack_experts
 from .fuse_mole import SiteReport, _remove_unused
 from .derived import DerivedInput, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import find_sites, parameter_values, size_values
+from .sites import find_sites, has_routing, needs_gradients, parameter_values, size_values
 
 log = logging.getLogger("adafuse_compile")
 
@@ -72,8 +72,8 @@ class FoldStaticLoRAPass(GraphPass):
         position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         replaced: list[fx.Node] = []
         for site in sites:
-            if torch.is_grad_enabled() and any(params[p].requires_grad for p in (site.weight, *site.params)):
-                continue  # FuseMoLEPass reports why
+            if needs_gradients(site, params) or has_routing(site):
+                continue  # FuseMoLEPass probes and reports these; no need to probe them twice
             canon, _ = canonicalize(gm, site, params, size_values(gm, example_inputs))
             if canon is None or canon.gate != "static":
                 continue

@@ -32,7 +32,7 @@ from ..kernels.reference import lora_moe_linear_ref
 from .canonical import Canonical, canonical_A, canonical_B, canonicalize, node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import find_sites, is_inplace, parameter_values, size_values
+from .sites import find_sites, is_inplace, needs_gradients, parameter_values, size_values
 
 log = logging.getLogger("adafuse_compile")
 
@@ -169,10 +169,9 @@ class FuseMoLEPass(GraphPass):
         self.reports = [SiteReport(r.path, "left", r.reason) for r in rejected]
         for r in rejected:
             log.info("adafuse: left %s: %s", r.path or "<root>", r.reason)
-        training = torch.is_grad_enabled()
         replaced: list[fx.Node] = []
         for site in sites:
-            if training and any(params[p].requires_grad for p in (site.weight, *site.params)):
+            if needs_gradients(site, params):
                 reason = ("gradients are required (the fused op has no autograd formula yet); "
                           "compile under torch.no_grad() or torch.inference_mode() to fuse")
                 self.reports.append(SiteReport(site.name, "left", reason))

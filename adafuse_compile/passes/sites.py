@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "Rejected", "find_sites", "parameter_values", "size_values", "is_linear", "is_inplace"]
+__all__ = ["Site", "Rejected", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
+           "parameter_values", "size_values"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -57,6 +58,17 @@ class Rejected:
 
     path: str
     reason: str
+
+
+def needs_gradients(site: Site, params: dict[fx.Node, torch.Tensor]) -> bool:
+    """Whether autograd would need this site's parameters (the fused op has no backward yet)."""
+    return torch.is_grad_enabled() and any(params[p].requires_grad for p in (site.weight, *site.params))
+
+
+def has_routing(site: Site) -> bool:
+    """Whether the site computes a routing decision (a ``topk`` or ``softmax``): not a static LoRA."""
+    return any(getattr(n.target, "__name__", n.target) in ("topk", "softmax") for n in site.nodes
+               if n.op in ("call_function", "call_method"))
 
 
 def is_linear(node: fx.Node) -> bool:
