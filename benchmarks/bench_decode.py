@@ -11,13 +11,13 @@ is the measurement behind the README's "what to expect".
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from adafuse_compile.models import DEFAULT_TARGETS, add_lora_moe, tiny_llama
 from adafuse_compile.models.styles import STYLES
+from adafuse_compile.timing import interleaved_medians
 
 
 def add_adapters(model, style: str):
@@ -83,19 +83,10 @@ def main() -> None:
                 steps[name]()
             compile_s[name] = time.perf_counter() - t0
             print(f"  ready: {name} ({compile_s[name]:.1f} s incl. compile)", flush=True)
-        per_round = {name: [] for name in steps}
-        for _ in range(a.rounds):
-            for name, step in steps.items():
-                times = []
-                for _ in range(a.reps):
-                    t0 = time.perf_counter()
-                    step()
-                    times.append(time.perf_counter() - t0)
-                per_round[name].append(statistics.median(times))
-    base = statistics.median(per_round["backbone inductor"])
+        medians = interleaved_medians(steps, rounds=a.rounds, reps=a.reps, warmup=0)  # warmed above
+    base = medians["backbone inductor"]
     print(f"{'configuration':<20} {'ms/token':>9} {'vs backbone inductor':>21}")
-    for name, v in per_round.items():
-        t = statistics.median(v)
+    for name, t in medians.items():
         print(f"{name:<20} {t * 1e3:>9.2f} {t / base:>21.2f}")
 
 

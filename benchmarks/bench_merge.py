@@ -10,12 +10,11 @@ median of per-round medians is reported with the effective bandwidth (weights re
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from adafuse_compile.kernels import merge_rebase_, merge_switch_
+from adafuse_compile.timing import interleaved_medians
 
 
 def main() -> None:
@@ -55,22 +54,11 @@ def main() -> None:
         "plain copy of the weights": copy,
     }
     with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        per_round = {name: [] for name in fns}
-        for _ in range(a.rounds):
-            for name, fn in fns.items():
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                per_round[name].append(statistics.median(times))
+        medians = interleaved_medians(fns, rounds=a.rounds, reps=3, warmup=1)
     nbytes = sum(w.numel() * w.element_size() for w in Ws)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {len(shapes)} sites, "
           f"{nbytes / 1e6:.0f} MB of weights, E={E} r={r}; median of {a.rounds} interleaved rounds x 3")
-    for name, v in per_round.items():
-        t = statistics.median(v)
+    for name, t in medians.items():
         print(f"{name:<28} {t * 1e3:8.1f} ms  {2 * nbytes / t / 1e9:5.1f} GB/s (read + write)")
 
 

@@ -10,15 +10,15 @@ MEASUREMENTS.md prescribes for this noisy machine; ratios are to the plain base 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from adafuse_compile.kernels import lora_moe_linear
 from adafuse_compile.kernels.cpu_extension import load_cpu_kernels
+from adafuse_compile.timing import interleaved_medians
 
 # The module, not the function that adafuse_compile.kernels re-exports under the same name.
 op_module = importlib.import_module("adafuse_compile.kernels.lora_moe_linear")
@@ -61,23 +61,6 @@ def _torch_path(threshold):
     return run
 
 
-def interleaved(fns, args, rounds, reps):
-    """Median over rounds of the per-round median time (seconds) of each fn; fns alternate."""
-    for fn in fns.values():  # warm up
-        for _ in range(3):
-            fn(*args)
-    per_round = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn(*args)
-                times.append(time.perf_counter() - t0)
-            per_round[name].append(statistics.median(times))
-    return {name: statistics.median(v) for name, v in per_round.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8")
@@ -116,7 +99,8 @@ def main() -> None:
             ref = eager_mixlora(*args)
             for name in ("fused op", "torch fallback (auto)", "eager MoLA masked loop"):
                 torch.testing.assert_close(fns[name](*args), ref, rtol=1e-4, atol=1e-4)
-            res = interleaved(fns, args, a.rounds, a.reps)
+            res = interleaved_medians({name: functools.partial(fn, *args) for name, fn in fns.items()},
+                                      rounds=a.rounds, reps=a.reps)
             for name, t in res.items():
                 print(f"{T:>3} {name:<26} {t * 1e6:>9.1f} {t / res['base linear only']:>8.2f}")
 

@@ -11,26 +11,13 @@ passes did to each adapter site.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import adafuse_compile
 from adafuse_compile.models import adapter_sites, add_lora_moe, tiny_llama
-
-
-def median_ms(fn, rounds: int = 7, reps: int = 3) -> float:
-    """Median over rounds of the per-round median, in ms."""
-    per_round = []
-    for _ in range(rounds):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        per_round.append(statistics.median(times))
-    return statistics.median(per_round) * 1e3
+from adafuse_compile.timing import interleaved_medians
 
 
 def main() -> None:
@@ -54,8 +41,9 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         diff = (fast_logits - eager_logits).abs().max().item()
         print(f"max |logits diff| adafuse vs eager: {diff:.2e}  (compile {compile_s:.1f} s)")
-        eager_ms = median_ms(lambda: model(ids))
-        fast_ms = median_ms(lambda: fast(ids))
+        times = interleaved_medians({"eager": lambda: model(ids), "adafuse": lambda: fast(ids)},
+                                    rounds=7, reps=3, warmup=1)
+        eager_ms, fast_ms = times["eager"] * 1e3, times["adafuse"] * 1e3
     print(f"forward: eager {eager_ms:.1f} ms, adafuse {fast_ms:.1f} ms ({eager_ms / fast_ms:.2f}x)")
     with torch.no_grad():
         report = adafuse_compile.explain(model, ids)

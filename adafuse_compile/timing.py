@@ -1,0 +1,34 @@
+"""Timing configurations side by side, the way this noisy machine needs (MEASUREMENTS.md).
+
+Separate processes drift 5-10% and single repeats stall 2-30x: configurations therefore run
+round-robin in one process, and each reports the median over rounds of its per-round median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+__all__ = ["interleaved_medians"]
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int, reps: int,
+                        warmup: int = 3) -> dict[str, float]:
+    """Seconds per call of each function: median over ``rounds`` of the median of ``reps`` calls.
+
+    Each round calls every function ``reps`` times in turn, so drift hits all of them alike.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times))
+    return {name: statistics.median(v) for name, v in per_round.items()}
