@@ -28,7 +28,7 @@ from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_linear_ref
 from ..testing import tolerance
-from .sites import Site
+from .sites import Site, ancestors
 
 __all__ = ["Canonical", "canonicalize"]
 
@@ -146,7 +146,7 @@ def _decision_candidates(site: Site, values: dict):
                 continue
             k_shape = tuple(values[idx].shape)
             # g: any float tensor of the decision's shape computed from the top-k values.
-            derived = [n for n in site.nodes if vals in _ancestors(n) or n is vals]
+            derived = _descendants(vals, site.nodes)
             for g in reversed(derived):
                 v = values.get(g)
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and tuple(v.shape) == k_shape:
@@ -169,6 +169,18 @@ def _name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+def _descendants(node: fx.Node, within: list[fx.Node]) -> list[fx.Node]:
+    """``node`` and the nodes of ``within`` (in graph order) computed from it, in that order."""
+    members = set(within)
+    found, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user in members and user not in found:
+                found.add(user)
+                stack.append(user)
+    return [n for n in within if n in found]
+
+
 def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
     """The gate variant (MISSION.md's names) from the nodes between the router and ``g``.
 
@@ -176,8 +188,8 @@ def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
     """
     if kind != "top-k":
         return kind
-    between = (_ancestors(g) | {g}) - _ancestors(source) - {source}
-    before = _ancestors(source)
+    between = (ancestors(g) | {g}) - ancestors(source) - {source}
+    before = ancestors(source)
     if any(_name(n) in _SOFTMAX for n in between):
         return "topk_softmax"
     if any(_name(n) in _SOFTMAX for n in before):
@@ -187,16 +199,6 @@ def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
             return "top_p"
         return "softmax_topk (not renormalized)"
     return "topk"
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _expert_candidates(site: Site, params: dict[fx.Node, torch.Tensor], in_f: int, out_f: int, routing: set):
@@ -288,7 +290,7 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
     if runs is None:
         return None, why
     decisions = _decision_candidates(site, runs[0])
-    routing = set().union(*(_ancestors(source) for *_, source in decisions))
+    routing = set().union(*(ancestors(source) for *_, source in decisions))
     decisions.append((None, None, 1, "static", None))  # one adapter, no router (PEFT's LoRA)
     experts = _expert_candidates(site, params, in_f, out_f, routing)
     if not experts:

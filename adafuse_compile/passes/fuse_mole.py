@@ -32,7 +32,7 @@ from ..kernels.reference import lora_moe_linear_ref
 from .canonical import Canonical, canonical_A, canonical_B, canonicalize, node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import find_sites, is_inplace, needs_gradients, parameter_values, size_values
+from .sites import ancestors, find_sites, is_inplace, needs_gradients, parameter_values, size_values
 
 log = logging.getLogger("adafuse_compile")
 
@@ -94,18 +94,6 @@ def _is_size_assert(node: fx.Node) -> bool:
         torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
 
 
-def _ancestors_until(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
-    """Nodes between ``node`` and the already-replaced nodes it is computed from."""
-    found, stack = set(), list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n in stop or n in found:
-            continue
-        found.add(n)
-        stack.extend(n.all_input_nodes)
-    return found
-
-
 def _computed_only_from(node: fx.Node, replaced: set[fx.Node]) -> bool:
     """Whether every path from ``node`` back to the graph inputs passes through ``replaced``."""
     stack, seen = list(node.all_input_nodes), set()
@@ -135,7 +123,7 @@ def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     for node in list(gm.graph.nodes):
         if _is_size_assert(node) and node.all_input_nodes and _computed_only_from(node, candidates):
             candidates.add(node)
-            candidates.update(_ancestors_until(node, candidates))
+            candidates.update(ancestors(node, stop=candidates))
     nodes = [n for n in gm.graph.nodes if n in candidates]  # graph order
     changed = True
     while changed:

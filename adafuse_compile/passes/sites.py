@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "Rejected", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
+__all__ = ["Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
            "parameter_values", "size_values"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -58,6 +58,17 @@ class Rejected:
 
     path: str
     reason: str
+
+
+def ancestors(node: fx.Node, stop=frozenset()) -> set[fx.Node]:
+    """Every node ``node`` is computed from, not looking past (nor including) ``stop``."""
+    found, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in stop and n not in found:
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    return found
 
 
 def needs_gradients(site: Site, params: dict[fx.Node, torch.Tensor]) -> bool:
