@@ -9,6 +9,8 @@ __all__ = ["AdafuseOptions", "INNER_COMPILERS"]
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 LOWERINGS = ("auto", "op", "decomposed")
+STRATEGIES = ("auto", "fused", "merge")
+PREGATES = ("exact", "approximate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,17 @@ class AdafuseOptions:
             otherwise. Medium model, batch-1 decode (benchmarks/bench_decode.py): equal within
             noise (MoLA style 1.18 vs 1.19x the backbone; stacked 1.10 vs 1.10), but one earlier
             run had the op at 1.16x where Inductor's own code for the same site was 1.08x.
+        hoist: routers of sites that read the same tensor (q/k/v; gate/up) run as one matmul on
+            concatenated weights (:class:`adafuse_compile.passes.HoistRoutersPass`); the
+            routing decisions stay bitwise those of eager.
+        strategy: for sites grouped under one decision per token (pre-gated models):
+            ``"fused"`` runs the fused unmerged op at each site; ``"merge"`` merges the chosen
+            experts of the whole group into copies of the weights whenever one decision covers
+            the step and runs plain linears; ``"auto"`` (default) lets the cost model
+            (:mod:`adafuse_compile.cost_model`) choose at run time from the token count.
+        pregate: ``"exact"`` (default) only rewrites what is provably equal; ``"approximate"``
+            fits one token-level gate to every router of a per-layer-routed model (changes the
+            model; reports routing agreement and output deviation).
     """
 
     inner: str = "inductor"
@@ -36,12 +49,19 @@ class AdafuseOptions:
     fold: bool = True
     fuse: bool = True
     lowering: str = "auto"
+    hoist: bool = True
+    strategy: str = "auto"
+    pregate: str = "exact"
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:
             raise ValueError(f"option 'inner' must be one of {INNER_COMPILERS}, got {self.inner!r}")
         if self.lowering not in LOWERINGS:
             raise ValueError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"option 'strategy' must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.pregate not in PREGATES:
+            raise ValueError(f"option 'pregate' must be one of {PREGATES}, got {self.pregate!r}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "AdafuseOptions":
