@@ -4,9 +4,11 @@ that let data-dependent adapter dispatch land in one graph, scoped to this model
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .options import AdafuseOptions
 
 __all__ = ["compile"]
 
@@ -18,22 +20,34 @@ __all__ = ["compile"]
 _DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True}
 
 
-def compile(model: torch.nn.Module, *, dynamic: bool | None = None, fullgraph: bool = False,
-            mode: str | None = None, **options: Any) -> torch.nn.Module:
+def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | None = None,
+            fullgraph: bool = False, mode: str | None = None, **options: Any) -> torch.nn.Module:
     """``torch.compile(model, backend="adafuse", options=options)``, plus scoped Dynamo settings.
 
-    The settings apply whenever the returned module runs (and so whenever Dynamo compiles or
+    The settings apply whenever the compiled forward runs (and so whenever Dynamo compiles or
     recompiles it), not globally: other models compiled in the same process are unaffected.
-    ``options`` are the backend's (see :class:`adafuse_compile.AdafuseOptions`).
-    """
-    compiled = torch.compile(model, backend="adafuse", options=options or None, dynamic=dynamic,
-                             fullgraph=fullgraph, mode=mode)
-    forward = compiled.forward
+    ``options`` are the backend's (see :class:`adafuse_compile.AdafuseOptions`); they are
+    checked here, so a typo raises ``ValueError`` now rather than at the first call.
 
+    ``in_place=True`` compiles ``model.forward`` and sets it on ``model``, which is returned:
+    then ``model.generate()`` (transformers), hooks and every other caller of ``model(...)``
+    run compiled. The default returns a new wrapper module, whose ``generate`` would call the
+    uncompiled forward. ``del model.forward`` undoes ``in_place``.
+    """
+    AdafuseOptions.from_dict(options)
+    kwargs = dict(backend="adafuse", options=options or None, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
+    if in_place:
+        model.forward = _with_settings(torch.compile(model.forward, **kwargs))
+        return model
+    compiled = torch.compile(model, **kwargs)
+    compiled.forward = _with_settings(compiled.forward)
+    return compiled
+
+
+def _with_settings(forward: Callable) -> Callable:
     @functools.wraps(forward)
     def forward_with_settings(*args, **kwargs):
         with torch._dynamo.config.patch(_DYNAMO_SETTINGS):
             return forward(*args, **kwargs)
 
-    compiled.forward = forward_with_settings
-    return compiled
+    return forward_with_settings
