@@ -84,8 +84,8 @@ class _Evaluator:
         self.gm, self.site, self.dtype = gm, site, dtype
         self.params = {n: _as_probe_value(v, dtype) for n, v in params.items()}
 
-    def run(self, x: torch.Tensor) -> dict[fx.Node, object]:
-        env: dict[fx.Node, object] = {self.site.x: x, **self.params}
+    def run(self, x: torch.Tensor, externals: dict | None = None) -> dict[fx.Node, object]:
+        env: dict[fx.Node, object] = {self.site.x: x, **self.params, **(externals or {})}
         for node in self.site.nodes:
             args = map_arg(node.args, env.__getitem__)
             kwargs = map_arg(node.kwargs, env.__getitem__)
@@ -286,6 +286,8 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
         return None, "the input's shape has a data-dependent size with no example value"
     W = params[site.weight]
     out_f, in_f = W.shape
+    if site.externals:
+        return _canonicalize_external(gm, site, {**params, **(sizes or {})}, x_shape, in_f, out_f)
     runs, ev, tolerance, why = _probe_runs(gm, site, {**params, **(sizes or {})}, x_shape)
     if runs is None:
         return None, why
@@ -311,7 +313,57 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
                   f"{len(decisions)} routing decisions tried)")
 
 
-def _probe_runs(gm, site, params, x_shape):
+def _canonicalize_external(gm, site, params, x_shape, in_f: int, out_f: int):
+    """A site whose decision is made elsewhere (pre-gating): probed with random decisions.
+
+    The decision tensors are leaves of the site, so the probes feed them random experts and
+    weights: a form that matches proves the site equals the fused op for *any* decision, which
+    is what lets one decision drive a group of sites (and lets it be merged).
+    """
+    idx = next((e for e in site.externals if not _is_float(e)), None)
+    g = next(e for e in site.externals if _is_float(e))
+    g_shape = _concrete(_shape(g))
+    if g_shape is None:
+        return None, "the decision's shape has a data-dependent size with no example value"
+    k = g_shape[-1]
+    experts = _expert_candidates(site, {n: v for n, v in params.items() if isinstance(v, torch.Tensor)},
+                                 in_f, out_f, set())
+    if not experts:
+        return None, "no expert parameters of LoRA shape ([E, r, in] / [E, out, r] or per-expert [r, in] / [out, r])"
+    for E in sorted({c[4] for c in experts}):
+        if (idx is None and k != E) or k > E:
+            continue
+
+        def decision(seed, E=E):
+            gen = torch.Generator().manual_seed(1000 + seed)
+            values = {g: torch.rand(g_shape, generator=gen, dtype=torch.float64) + 0.1}
+            if idx is not None:
+                values[idx] = torch.randint(0, E, g_shape, generator=gen).to(_dtype_of(idx) or torch.int64)
+            return values
+
+        runs, ev, tolerance, why = _probe_runs(gm, site, params, x_shape, decision)
+        if runs is None:
+            return None, why
+        b = ev.params[site.bias].double() if site.bias is not None else None
+        for A, A_layout, B, B_layout, E_c, r in experts:
+            if E_c != E:
+                continue
+            scale = _fit_and_verify(ev.params, site, runs, ev.params[site.weight].double(), b,
+                                    (A, A_layout, B, B_layout), idx, g, E, tolerance)
+            if scale is not None:
+                gate = "pre-gated" if idx is not None else "pre-gated dense"
+                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, scale, gate), "verified"
+    names = ", ".join(e.name for e in site.externals)
+    return None, (f"the adapter reads {names}, computed elsewhere, but no canonical form with it as the "
+                  f"decision reproduced the site on probes with random decisions ({len(experts)} expert layouts tried)")
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node_value_meta(node)
+    return val is not None and val.dtype.is_floating_point
+
+
+def _probe_runs(gm, site, params, x_shape, externals=None):
     """Three probe runs of the site: ``(runs, evaluator, tolerance, reason)``.
 
     Float64 first, with the graph's casts (``.to(bfloat16)``, ``.float()``, ``dtype=``) redirected
@@ -323,7 +375,7 @@ def _probe_runs(gm, site, params, x_shape):
         ev = _Evaluator(gm, site, params, dtype)
         x_dtype = dtype or _dtype_of(site.x) or torch.float32
         try:
-            runs = [ev.run(_probe(x_shape, seed).to(x_dtype)) for seed in (0, 1, 2)]
+            runs = [ev.run(_probe(x_shape, seed).to(x_dtype), externals and externals(seed)) for seed in (0, 1, 2)]
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
             continue

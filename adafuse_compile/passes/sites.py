@@ -5,12 +5,19 @@ A *site* is found structurally and stays a candidate until a pass verifies it nu
     y   = linear(x, W, b)                       # the base linear, W a parameter
     out = y + t_1 + ... + t_n                   # a chain of adds (n >= 1)
 
-where every term ``t_i`` is computed from ``x`` and parameters only (its backward slice has no
-other activation as a leaf). That covers how MoLE projects write adapters (stacked experts
+where every term ``t_i`` is computed from ``x``, parameters and at most a routing decision made
+elsewhere (its backward slice has no other activation as a leaf). That covers how MoLE projects write adapters (stacked experts
 gathered by index, per-expert loops with masks, dense gates, a shared A, routing weights on the
 input or the output, static LoRA) without a pattern per project: what the slice computes is
 established later by probing it (:mod:`.canonical`). A term that reads another tensor (a router
 on a different input, the base output itself) is not a site, and the reason is recorded.
+
+A *decision made elsewhere* is how pre-gated models look (AdaFuse: one gate on the token
+embedding, its ``(idx, g)`` read by every adapted linear): a term may read up to two tensors
+computed without ``x`` from other activations, an integer one and a float one of one shape
+``[..., k]`` with one row per token of ``x`` (or a float one alone, a dense gate). They become
+the site's :attr:`Site.externals`; whether they really are the decision is again established
+by probing.
 
 Works on Dynamo graphs (parameters are placeholders whose example inputs are ``nn.Parameter``)
 and on ``symbolic_trace`` graphs (parameters are ``get_attr`` nodes).
@@ -46,6 +53,7 @@ class Site:
     nodes: list[fx.Node]  # every node computing ``out`` from x and parameters, in graph order
     params: list[fx.Node]  # parameter leaves of the adapter terms (not weight/bias)
     path: str  # module path of the site, from the base weight's name
+    externals: list[fx.Node] = dataclasses.field(default_factory=list)  # a decision made elsewhere
 
     @property
     def name(self) -> str:
@@ -168,28 +176,80 @@ def is_inplace(node: fx.Node) -> bool:
 
 
 def _why_not_a_leaf(node: fx.Node) -> str:
-    val = node.meta.get("example_value")
-    if isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point():
+    if _is_float_scalar(node):
         return (f"an adapter term reads the scalar input {node.name}: a Python float that Dynamo "
                 "passes as an input (dynamic=True); a scale that can change is not baked into a "
                 "rewrite (compile without dynamic=True, or with automatic dynamic shapes)")
-    return (f"an adapter term reads {node.name} besides the linear's input and parameters "
-            "(e.g. a shared pre-gate decision; grouping such sites is not implemented yet)")
+    return f"an adapter term reads the graph input {node.name} besides the linear's input and parameters"
+
+
+def _why_not_a_decision(externals: list[fx.Node], params) -> str:
+    sources = {n for e in externals for n in (ancestors(e) | {e}) if n.op == "placeholder" and n not in params}
+    names = ", ".join(sorted(n.name for n in sources))
+    return (f"an adapter term reads {', '.join(e.name for e in externals)}, computed from {names} (not the "
+            "linear's input), and that is not a routing decision (an integer and a float tensor [..., k], "
+            "one row per token)")
 
 
 def _is_size(node: fx.Node) -> bool:
     return isinstance(node.meta.get("example_value"), (torch.SymInt, int))
 
 
-def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor]):
-    """Backward slice of ``term`` stopping at ``x`` and parameters; ``(nodes, param_leaves, bad_leaf)``.
+class _Dependence:
+    """Which nodes are computed from activations (graph inputs that are not parameters or sizes),
+    memoized over one graph: the values a site may take from outside as its decision."""
 
+    def __init__(self, params: dict[fx.Node, torch.Tensor]) -> None:
+        self.params, self.memo = params, {}
+
+    def on_activations(self, node: fx.Node) -> bool:
+        if node not in self.memo:
+            stack = [node]
+            while stack:  # iterative post-order: graphs are thousands of nodes deep
+                n = stack[-1]
+                pending = [m for m in n.all_input_nodes if m not in self.memo]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                stack.pop()
+                if n in self.memo:
+                    continue
+                if n in self.params or (n.op == "placeholder" and _is_size(n)):
+                    self.memo[n] = False
+                elif n.op in ("placeholder", "get_attr"):
+                    self.memo[n] = True
+                else:
+                    self.memo[n] = any(self.memo[m] for m in n.all_input_nodes)
+        return self.memo[node]
+
+
+def _descendants_of(x: fx.Node) -> set[fx.Node]:
+    """Every node computed from ``x``, a tensor that an in-place op writes ``x``-derived values
+    into (``out.index_add_(0, tokens, expert_out)``) included."""
+    found, stack = set(), [x]
+    while stack:
+        n = stack.pop()
+        written = [n.args[0]] if is_inplace(n) and n.args and isinstance(n.args[0], fx.Node) else []
+        for u in [*n.users, *written]:
+            if u not in found and u is not x:
+                found.add(u)
+                stack.append(u)
+    return found
+
+
+def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor], from_x: set[fx.Node],
+           dependence: _Dependence):
+    """Backward slice of ``term`` stopping at ``x``, parameters and values computed elsewhere:
+    ``(nodes, param_leaves, externals, bad_leaf)``.
+
+    A value not computed from ``x`` but from other activations is an *external* leaf (a decision
+    made elsewhere, or a router on another tensor: telling them apart is the probes' job).
     In-place ops that mutate a value of the slice (``mask.scatter_(...)`` has no users, yet
     changes ``mask``) belong to it too: without them a replay of the slice computes something
     else.
     """
     seen: set[fx.Node] = set()
-    nodes, leaves = [], []
+    nodes, leaves, externals = [], [], []
     stack = [term]
     while stack:
         n = stack.pop()
@@ -203,12 +263,71 @@ def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor]):
             continue
         if n.op == "placeholder" and _is_size(n):
             continue  # a symbolic size (dynamic shapes): bound to its example value when probing
+        if n.op == "placeholder" and _is_float_scalar(n):
+            return None, None, None, n
+        if n not in from_x and dependence.on_activations(n) and not _adapts_decision(n, params):
+            externals.append(n)
+            continue
         if n.op in ("placeholder", "get_attr"):
-            return None, None, n
+            return None, None, None, n
         nodes.append(n)
         stack.extend(n.all_input_nodes)
         stack.extend(u for u in n.users if is_inplace(u) and u.args and u.args[0] is n)
-    return nodes, leaves, None
+    return nodes, leaves, externals, None
+
+
+_LAYOUT_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand", "contiguous", "to", "type",
+                   "float", "half", "bfloat16", "long", "int")
+_LAYOUT_FUNCTIONS = (torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten)
+
+
+def _adapts_decision(node: fx.Node, params) -> bool:
+    """Whether a value computed elsewhere is still the site's own use of the decision: a reshape
+    or cast of it, or experts gathered by it (``A[idx]``). The slice goes on through these, so
+    that the external leaves are the decision tensors themselves."""
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    if node.op == "call_function":
+        if node.target in _LAYOUT_FUNCTIONS:
+            return True
+        if node.target in (operator.getitem, torch.index_select, F.embedding):
+            source = node.args[1] if node.target is F.embedding else node.args[0]
+            return source in params
+    return False
+
+
+def _is_float_scalar(node: fx.Node) -> bool:
+    val = node.meta.get("example_value")
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
+
+
+def _rows(node: fx.Node):
+    """``(rows, last, is_float)`` of a tensor node's example value (rows: product of leading sizes)."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    rows = 1
+    for d in val.shape[:-1]:
+        rows = rows * d
+    return rows, val.shape[-1], val.is_floating_point()
+
+
+def _decision_shaped(externals: list[fx.Node], x: fx.Node) -> bool:
+    """Whether ``externals`` can be a decision for ``x``: an integer and a float tensor of one
+    shape ``[..., k]``, or one float tensor, with one row per token of ``x``."""
+    shapes = [_rows(e) for e in externals]
+    x_rows = _rows(x)
+    if x_rows is None or any(s is None for s in shapes) or any(_differ(s[0], x_rows[0]) for s in shapes):
+        return False
+    if len(shapes) == 1:
+        return shapes[0][2]
+    return (len(shapes) == 2 and shapes[0][2] != shapes[1][2] and not _differ(shapes[0][1], shapes[1][1]))
+
+
+def _differ(a, b) -> bool:
+    """Sizes known to differ (symbolic sizes compare by their hints)."""
+    hint = lambda d: d.node.hint if isinstance(d, torch.SymInt) else d  # noqa: E731
+    return hint(a) != hint(b)
 
 
 def inline_linear_modules(gm: fx.GraphModule) -> None:
@@ -232,6 +351,7 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
     if any(n.op == "call_module" for n in gm.graph.nodes):
         inline_linear_modules(gm)
     params = parameter_values(gm, example_inputs)
+    dependence = _Dependence(params)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites: list[Site] = []
     rejected: list[Rejected] = []
@@ -246,15 +366,16 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
             rejected.append(Rejected(module_path(weight), "the linear's input is modified in place"))
             continue
         path = module_path(weight)
-        cur, terms, nodes, leaves, reason = base, [], {base}, [], None
+        from_x = _descendants_of(x)
+        cur, terms, nodes, leaves, externals, reason = base, [], {base}, [], [], None
         while len(cur.users) == 1:
             user = next(iter(cur.users))
             if not _is_add(user):
                 break
             term = user.args[1] if user.args[0] is cur else user.args[0]
-            if not isinstance(term, fx.Node):
-                break
-            term_nodes, term_leaves, bad = _slice(term, x, params)
+            if not isinstance(term, fx.Node) or term not in from_x:
+                break  # an adapter reads x; anything else (a residual) ends the chain
+            term_nodes, term_leaves, term_externals, bad = _slice(term, x, params, from_x, dependence)
             if bad is not None:
                 reason = _why_not_a_leaf(bad)
                 break
@@ -267,10 +388,15 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
             nodes.update(term_nodes)
             nodes.add(user)
             leaves.extend(term_leaves)
+            externals.extend(term_externals)
             cur = user
-        if terms:
+        externals = sorted(set(externals), key=order.__getitem__)
+        if terms and externals and not _decision_shaped(externals, x):
+            rejected.append(Rejected(path, _why_not_a_decision(externals, params)))
+        elif terms:
             leaf_set = list(dict.fromkeys(p for p in leaves if p not in (weight, bias)))
-            sites.append(Site(cur, x, base, weight, bias, terms, sorted(nodes, key=order.__getitem__), leaf_set, path))
+            sites.append(Site(cur, x, base, weight, bias, terms, sorted(nodes, key=order.__getitem__), leaf_set,
+                              path, externals))
         elif reason is not None:
             rejected.append(Rejected(path, reason))
     return sites, rejected

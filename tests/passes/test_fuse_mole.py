@@ -101,7 +101,7 @@ class RouterOnOtherInput(MaskedLoop):
     "model,inputs,reason",
     [
         (NonlinearBetween, (torch.randn(5, 24),), "no canonical form reproduced"),
-        (RouterOnOtherInput, (torch.randn(5, 24), torch.randn(5, 24)), "reads l_h_"),
+        (RouterOnOtherInput, (torch.randn(5, 24), torch.randn(5, 24)), "computed from l_h_"),
     ],
     ids=["nonlinearity-between-A-and-B", "router-on-other-input"],
 )
