@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,plot]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# adafuse-bench with its defaults (about 5 minutes on 2 cores), then the op and merge micro-benchmarks.
 bench: $(STAMP)
+	mkdir -p build
+	$(VENV)/bin/adafuse-bench --json build/bench.json --plot build/bench.png
 	$(PY) benchmarks/bench_ops.py
 	$(PY) benchmarks/bench_merge.py
 
