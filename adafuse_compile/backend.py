@@ -13,8 +13,8 @@ import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import FoldStaticLoRAPass, FuseMoLEPass, PassManager
-from .passes.manager import DERIVED_INPUTS, copy_graph
+from .passes import FoldStaticLoRAPass, FuseMoLEPass, MergeSwitchPass, PassManager
+from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
 
 log = logging.getLogger("adafuse_compile")
 
@@ -28,6 +28,7 @@ def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
         passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs)))
+        passes.append(MergeSwitchPass(opts.strategy))
     return PassManager(passes, strict=opts.strict)
 
 
@@ -76,6 +77,7 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
                       mode: str | None = None) -> Callable:
     """The inner compiler on a rewritten graph, fed the derived inputs the passes added."""
     derived = gm.meta.get(DERIVED_INPUTS, [])
+    keepalive = gm.meta.get(KEEPALIVE, [])
     if derived:
         example_inputs = [*example_inputs, *(d(example_inputs) for d in derived)]
     if opts.inner == "inductor" and mode is not None:
@@ -85,13 +87,15 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
         compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
     else:
         compiled = _inner_compiler(opts.inner)(gm, example_inputs)
-    return _with_derived_inputs(compiled, derived) if derived else compiled
+    return _with_derived_inputs(compiled, derived, keepalive) if derived or keepalive else compiled
 
 
-def _with_derived_inputs(compiled: Callable, derived: list) -> Callable:
-    """Call ``compiled`` with the passes' derived inputs appended (Dynamo passes only the originals)."""
+def _with_derived_inputs(compiled: Callable, derived: list, keepalive: list) -> Callable:
+    """Call ``compiled`` with the passes' derived inputs appended (Dynamo passes only the
+    originals); the closure also keeps the graph's run-time state (``keepalive``) alive."""
 
     def run(*args):
         return compiled(*args, *(d(args) for d in derived))
 
+    run.adafuse_state = keepalive
     return run

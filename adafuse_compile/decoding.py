@@ -46,7 +46,9 @@ class GreedyDecoder:
         self.positions = [torch.tensor([length + i]) for i in range(new_tokens)]
         with torch.inference_mode():
             out = model(prompt, past_key_values=self.cache, cache_position=torch.arange(length), use_cache=True)
-        self.first = out.logits[:, -1].argmax(-1, keepdim=True)  # the token the prompt predicts
+            # The token the prompt predicts. Made in inference mode like every later step's
+            # token: a normal tensor has another dispatch key set, and Dynamo would recompile.
+            self.first = out.logits[:, -1].argmax(-1, keepdim=True)
         self.length = length
 
     def rewind(self) -> None:
@@ -79,7 +81,9 @@ class GreedyDecoder:
             chosen.append(last.argmax(-1, keepdim=True))
             if keep_logits:
                 logits.append(last.float().clone())
-            token = chosen[-1] if teacher is None else teacher[:, i : i + 1]
+            # A fresh contiguous copy: a column of ``teacher`` keeps the strides of [B, N] (even a
+            # plain clone does), and Dynamo guards on strides: it would recompile.
+            token = chosen[-1] if teacher is None else teacher[:, i : i + 1].clone(memory_format=torch.contiguous_format)
         return DecodeResult(torch.cat(chosen, dim=1), torch.stack(logits) if keep_logits else None)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .backend import build_pass_manager, rewrite
 from .options import AdafuseOptions
-from .passes import SiteReport
+from .passes import GroupReport, SiteReport
 
 log = logging.getLogger("adafuse_compile")
 
@@ -24,6 +24,7 @@ class ExplainReport:
     graphs: int
     graph_breaks: int
     break_reasons: list[str]
+    groups: list[GroupReport] = dataclasses.field(default_factory=list)  # sites sharing one pre-gate decision
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
@@ -40,6 +41,9 @@ class ExplainReport:
         lines = [head, ""]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        for grp in self.groups:
+            lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
+                         f"cost model: {grp.estimate}")
         for reason in self.break_reasons:
             lines.append(f"graph break: {reason}")
         if self.graph_breaks:
@@ -63,6 +67,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     """
     opts = AdafuseOptions.from_dict(options)
     reports: list[SiteReport] = []
+    groups: list[GroupReport] = []
     graphs = 0
 
     def collect(gm, example_inputs):
@@ -71,7 +76,8 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         manager = build_pass_manager(opts, example_inputs)
         rewrite(gm, example_inputs, opts, manager)
         for p in manager.passes:
-            reports.extend(getattr(p, "reports", []))
+            for r in getattr(p, "reports", []):
+                (groups if isinstance(r, GroupReport) else reports).append(r)
         return gm.forward  # run the captured graph as it was
 
     from torch._dynamo.utils import counters
@@ -83,7 +89,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         breaks = sorted(counters["graph_break"])
     finally:
         torch._dynamo.reset()
-    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks)
+    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks, groups)
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report

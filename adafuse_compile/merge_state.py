@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .cost_model import CostModel
 from .kernels.merge_switch import merge_rebase_, merge_switch_
 
-__all__ = ["MergedGroup", "default_rebase_every"]
+__all__ = ["MergedGroup", "SwitchedGroup", "default_rebase_every"]
 
 
 def default_rebase_every(dtype: torch.dtype) -> int:
@@ -28,6 +29,7 @@ class MergedGroup:
     """Sites driven by one decision, with that decision merged into their weights.
 
     ``weights`` are the live tensors the model computes with (modified in place). With
+    ``pristine`` given, those unmerged weights are used to re-base (and must not change); else with
     ``keep_pristine=True`` (default) a copy of the unmerged weights is kept and used to re-base
     every ``rebase_every`` switches, so the error never exceeds ``rebase_every`` switches' worth
     of rounding, however long the run. With ``keep_pristine=False`` memory is saved and the
@@ -43,13 +45,17 @@ class MergedGroup:
         *,
         keep_pristine: bool = True,
         rebase_every: int | None = None,
+        pristine: list[torch.Tensor] | None = None,
     ) -> None:
         if not weights:
             raise ValueError("MergedGroup needs at least one site")
         if rebase_every is not None and rebase_every < 1:
             raise ValueError(f"rebase_every must be >= 1, got {rebase_every}")
         self.weights, self.As, self.Bs, self.scales = list(weights), list(As), list(Bs), list(scales)
-        self.pristine = [w.detach().clone() for w in weights] if keep_pristine else None
+        if pristine is not None:  # the caller's unmerged weights (e.g. the model's own): not copied
+            self.pristine = list(pristine)
+        else:
+            self.pristine = [w.detach().clone() for w in weights] if keep_pristine else None
         self.rebase_every = rebase_every or default_rebase_every(weights[0].dtype)
         device = weights[0].device
         self.idx = torch.empty(0, dtype=torch.int64, device=device)
@@ -85,3 +91,66 @@ class MergedGroup:
             self.switches_since_rebase = 0
         else:
             self.switch(self.idx[:0], self.g[:0])
+
+
+class SwitchedGroup:
+    """A pre-gated group at run time: per step, fused or merged, and the merged copies.
+
+    ``strategy`` is ``"merge"`` (merge whenever one decision covers the step) or ``"auto"``
+    (also ask the cost model, with the observed rate of decision changes). The model's weights
+    are never modified: the decision is merged into copies (made at the first merged step, so a
+    group that never merges costs no memory), re-based from the model's weights; copies made
+    from weights that have since changed (new tensors, or in-place updates) are rebuilt.
+    """
+
+    def __init__(self, strategy: str, cost: CostModel | None) -> None:
+        if strategy not in ("merge", "auto") or (strategy == "auto" and cost is None):
+            raise ValueError(f"strategy must be 'merge', or 'auto' with a cost model, got {strategy!r}")
+        self.strategy, self.cost = strategy, cost
+        self.merged: MergedGroup | None = None
+        self._sources: tuple = ()
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.switch_rate = 1.0  # until observed: assume every step brings a new decision
+        self.use_merged = False
+        self.steps = self.merged_steps = 0
+
+    def step(self, idx: torch.Tensor, g: torch.Tensor, weights, As, Bs, scales) -> None:
+        """Decide this step's mode from the decision ``idx, g [T, k]``; merge it if merged."""
+        self.steps += 1
+        row = self._common_row(idx, g)
+        if row is not None:
+            self._observe(row)
+        self.use_merged = row is not None and (self.strategy == "merge" or self._merged_is(row)
+                                               or self.cost.merge_pays(idx.shape[0], self.switch_rate))
+        if self.use_merged:
+            self.merged_steps += 1
+            self._merged_group(weights, As, Bs, scales).switch(*row)
+
+    def weight(self, site: int) -> torch.Tensor:
+        return self.merged.weights[site]
+
+    @staticmethod
+    def _common_row(idx, g):
+        """The decision ``(idx [k], g [k])`` if every token of the step has it, else None."""
+        if idx.shape[0] == 0 or not (bool((idx == idx[:1]).all()) and bool((g == g[:1]).all())):
+            return None
+        return idx[0].to(torch.int64), g[0].to(torch.float32)
+
+    def _observe(self, row) -> None:
+        """Running rate of steps whose (common) decision differs from the last one seen."""
+        changed = self.last is None or not (torch.equal(row[0], self.last[0]) and torch.equal(row[1], self.last[1]))
+        self.switch_rate += (float(changed) - self.switch_rate) / 16  # ~16-step memory
+        self.last = row
+
+    def _merged_is(self, row) -> bool:
+        return (self.merged is not None and torch.equal(self.merged.idx, row[0])
+                and torch.equal(self.merged.g, row[1]))
+
+    def _merged_group(self, weights, As, Bs, scales) -> MergedGroup:
+        sources = tuple((id(t), t._version) for t in (*weights, *As, *Bs))
+        if self.merged is None or sources != self._sources:
+            copies = [w.detach().clone() for w in weights]
+            self.merged = MergedGroup(copies, [a.detach() for a in As], [b.detach() for b in Bs], scales,
+                                      pristine=[w.detach() for w in weights])
+            self._sources = sources
+        return self.merged

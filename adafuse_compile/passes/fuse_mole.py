@@ -36,7 +36,9 @@ from .sites import ancestors, find_sites, is_inplace, needs_gradients, parameter
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["FuseMoLEPass", "SiteReport"]
+__all__ = ["FuseMoLEPass", "SITE_META", "SiteReport"]
+
+SITE_META = "adafuse_site"  # node.meta key of a fused site's SiteReport (read by later passes)
 
 
 @dataclasses.dataclass
@@ -170,10 +172,11 @@ class FuseMoLEPass(GraphPass):
                 log.info("adafuse: left %s: %s", site.name, reason)
                 continue
             self._stack_expert_lists(gm, canon, example_inputs)
-            self._rewrite(gm, site, canon, self.lowering)
+            report = SiteReport(site.name, "fused", "verified on probes; one fused op",
+                                canon.experts, canon.k, canon.rank, canon.gate, canon.scale)
+            self._rewrite(gm, site, canon, self.lowering).meta[SITE_META] = report
             replaced.extend(site.nodes)
-            self.reports.append(SiteReport(site.name, "fused", "verified on probes; one fused op",
-                                           canon.experts, canon.k, canon.rank, canon.gate, canon.scale))
+            self.reports.append(report)
             log.info("adafuse: fused %s (E=%d, k=%d, r=%d, %s)", site.name, canon.experts, canon.k,
                      canon.rank, canon.gate)
         _remove_unused(gm, replaced)
@@ -199,7 +202,7 @@ class FuseMoLEPass(GraphPass):
             canon.B_layout = "eor"
 
     @staticmethod
-    def _rewrite(gm: fx.GraphModule, site, canon: Canonical, lowering: str) -> None:
+    def _rewrite(gm: fx.GraphModule, site, canon: Canonical, lowering: str) -> fx.Node:
         out_val = node_value_meta(site.out)
         out_dtype = out_val.dtype if out_val is not None else None
         with gm.graph.inserting_before(site.out):
@@ -210,3 +213,4 @@ class FuseMoLEPass(GraphPass):
             )
         fused.meta.update(site.out.meta)
         site.out.replace_all_uses_with(fused)
+        return fused

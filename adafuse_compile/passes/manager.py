@@ -17,6 +17,9 @@ _DUMP_ENV = "ADAFUSE_DUMP_GRAPHS"
 # gm.meta key: inputs a pass added as placeholders at the end, each a callable of the original
 # inputs that the backend evaluates before every call (e.g. folded weights).
 DERIVED_INPUTS = "adafuse_derived_inputs"
+# gm.meta key: run-time state the rewritten graph's ops look up by id (e.g. a switched group's
+# merged weights); the compiled callable keeps it alive as long as it lives.
+KEEPALIVE = "adafuse_keepalive"
 
 
 class GraphPass:

@@ -1,0 +1,118 @@
+"""MergeSwitchPass: the fused sites of one pre-gated decision become a group that merges or fuses.
+
+Runs after :class:`~.fuse_mole.FuseMoLEPass`. Fused sites whose decision was made elsewhere (a
+shared pre-gate: their ``idx, g`` are the same graph nodes) form one group. Before::
+
+    idx, g = pregate(embeds)
+    y_1 = _fused_site(x_1, W_1, ..., idx, g, s_1)
+    ...
+    y_N = _fused_site(x_N, W_N, ..., idx, g, s_N)
+
+After (``strategy`` ``"merge"`` or ``"auto"``)::
+
+    token = _group_decide(idx, g, [W_1..W_N], [A_1..A_N], [B_1..B_N], ..., group)
+    y_1 = _group_site(x_1, W_1, ..., idx, g, s_1, token, group, 0)
+    ...
+
+``_group_decide`` picks the step's mode at run time (merged needs one decision for every token
+of the step; ``"auto"`` also asks :mod:`adafuse_compile.cost_model`), and merges the whole group
+in one call; each ``_group_site`` is a plain linear on the merged copy or the fused op. With
+``strategy="fused"`` the graph is left as the fusion pass made it; the group is still reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.fx as fx
+
+from ..cost_model import CostModel, GroupShape
+from ..kernels.switched_linear import group_decide, group_site_linear, register_group
+from ..merge_state import SwitchedGroup
+from .canonical import canonical_A, canonical_B, node_value_meta
+from .fuse_mole import SITE_META, _fused_site
+from .manager import KEEPALIVE, GraphPass
+
+log = logging.getLogger("adafuse_compile")
+
+__all__ = ["GroupReport", "MergeSwitchPass"]
+
+
+@dataclasses.dataclass
+class GroupReport:
+    """One decision and the sites it drives, with the strategy and the cost model's estimate."""
+
+    decision: str
+    sites: list[str]
+    strategy: str
+    estimate: str
+
+
+def _group_decide(idx, g, weights, As, Bs, A_layouts, B_layouts, scales, group):
+    k = g.shape[-1]
+    As = [canonical_A(a, lay) for a, lay in zip(As, A_layouts)]
+    Bs = [canonical_B(b, lay) for b, lay in zip(Bs, B_layouts)]
+    return group_decide(idx.reshape(-1, k).to(torch.int64), g.reshape(-1, k), weights, As, Bs, scales, group)
+
+
+def _group_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype, token, group, site):
+    A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
+    k = g.shape[-1]
+    y = group_site_linear(x.reshape(-1, x.shape[-1]), weight, bias, A, B, idx.reshape(-1, k).to(torch.int64),
+                          g.reshape(-1, k), scale, token, group, site)
+    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+
+
+class MergeSwitchPass(GraphPass):
+    """Group the fused sites of each shared decision; under ``merge``/``auto``, make them switchable."""
+
+    name = "merge_switch"
+
+    def __init__(self, strategy: str = "auto") -> None:
+        if strategy not in ("auto", "fused", "merge"):
+            raise ValueError(f"strategy must be 'auto', 'fused' or 'merge', got {strategy!r}")
+        self.strategy = strategy
+        self.reports: list[GroupReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs=None) -> None:
+        self.reports = []
+        groups: dict[tuple[fx.Node, fx.Node], list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            report = node.meta.get(SITE_META)
+            if node.op == "call_function" and node.target is _fused_site and report and report.gate == "pre-gated":
+                groups.setdefault((node.args[5], node.args[6]), []).append(node)
+        for (idx, g), nodes in groups.items():
+            cost = CostModel(self._shape(nodes))
+            paths = [n.meta[SITE_META].path for n in nodes]
+            self.reports.append(GroupReport(f"{idx.name}, {g.name}", paths, self.strategy, cost.describe()))
+            log.info("adafuse: group of %d sites on decision (%s, %s), strategy %s: %s", len(nodes), idx.name,
+                     g.name, self.strategy, cost.describe())
+            if self.strategy != "fused":
+                self._switch(gm, idx, g, nodes, SwitchedGroup(self.strategy, cost))
+
+    @staticmethod
+    def _shape(nodes: list[fx.Node]) -> GroupShape:
+        reports = [n.meta[SITE_META] for n in nodes]
+        weights = [node_value_meta(n.args[1]) for n in nodes]
+        return GroupShape(tuple(int(w.shape[1]) for w in weights), tuple(int(w.shape[0]) for w in weights),
+                          max(s.rank for s in reports), reports[0].k, reports[0].experts, weights[0].dtype.itemsize)
+
+    @staticmethod
+    def _switch(gm: fx.GraphModule, idx: fx.Node, g: fx.Node, nodes: list[fx.Node], state: SwitchedGroup) -> None:
+        gid = register_group(state)
+        gm.meta.setdefault(KEEPALIVE, []).append(state)
+        sites = [n.args for n in nodes]  # (x, W, b, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering)
+        with gm.graph.inserting_before(nodes[0]):
+            token = gm.graph.call_function(_group_decide, (
+                idx, g, [a[1] for a in sites], [a[3] for a in sites], [a[4] for a in sites],
+                [a[8] for a in sites], [a[9] for a in sites], [a[7] for a in sites], gid))
+        for i, node in enumerate(nodes):
+            x, W, b, A, B, idx_i, g_i, scale, A_layout, B_layout, out_dtype, _ = node.args
+            with gm.graph.inserting_before(node):
+                site = gm.graph.call_function(_group_site, (x, W, b, A, B, idx_i, g_i, scale, A_layout, B_layout,
+                                                            out_dtype, token, gid, i))
+            site.meta.update(node.meta)
+            node.replace_all_uses_with(site)
+            gm.graph.erase_node(node)
