@@ -114,12 +114,12 @@ def build_model(kind: str, size: str, path: str | None, style: str) -> torch.nn.
     return model.eval()
 
 
-def compiled_forward(model: torch.nn.Module, cfg: Config):
+def compiled_forward(model: torch.nn.Module, cfg: Config, inner: str = "inductor"):
     """The forward a configuration runs: ``model.forward`` itself, or ``torch.compile`` of it
     with static shapes (each batch size gets its own graph, as a serving engine would)."""
     if cfg.backend is None:
         return model.forward
-    options = cfg.options if cfg.backend == "adafuse" else None
+    options = {**(cfg.options or {}), "inner": inner} if cfg.backend == "adafuse" else None
     return torch.compile(model.forward, backend=cfg.backend, dynamic=False, options=options)
 
 
@@ -150,19 +150,24 @@ class Progress:
 
 
 class SiteLog(logging.Handler):
-    """Counts the passes' per-site lines ("adafuse: fused ...", "left", "folded", "merged")
-    while a configuration compiles: what adafuse did, without a second capture by explain()."""
+    """Counts the passes' per-site lines ("adafuse: fused ...", "left", "folded", "merged") and
+    keeps their group lines (a pre-gate decision, its sites and strategy) while a configuration
+    compiles: what adafuse did, without a second capture by explain()."""
 
     _STATUS = re.compile(r"^adafuse: (\w+) ")
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.counts: dict[str, int] = {}
+        self.groups: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = self._STATUS.match(record.getMessage())
+        message = record.getMessage()
+        m = self._STATUS.match(message)
         if m:
             self.counts[m.group(1)] = self.counts.get(m.group(1), 0) + 1
+            if m.group(1) == "group":
+                self.groups.append(message[len("adafuse: "):])
 
     @contextlib.contextmanager
     def capture(self):
@@ -212,7 +217,7 @@ def profile_decode(decoder: GreedyDecoder, top: int = 15) -> list[dict]:
              "calls_per_token": e.count / n} for e in events]
 
 
-def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, args, header: str):
+def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, args):
     """Prepare every configuration for one batch size, then time them interleaved."""
     gen = torch.Generator().manual_seed(args.seed)
     vocab = next(iter(models.values())).config.vocab_size
@@ -281,6 +286,8 @@ def parse_args(argv):
     ap.add_argument("--new", type=int, default=32, help="decode steps timed per repeat")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the median is reported")
     ap.add_argument("--configs", help="comma-separated glob patterns over configuration keys, or 'all'")
+    ap.add_argument("--inner", default="inductor", choices=["inductor", "eager", "aot_eager"],
+                    help="compiler after the adafuse passes (eager: a quick functional check, not a speed test)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0, help="prompt seed")
     ap.add_argument("--cold", action="store_true",
@@ -300,6 +307,26 @@ def parse_args(argv):
     return args
 
 
+def describe(args, model_config) -> str:
+    """The table's first line: the model, the workload and the machine."""
+    what = args.model or f"{args.size} Llama"
+    inner = "" if args.inner == "inductor" else f", adafuse inner={args.inner}"
+    return (f"{what} (hidden {model_config.hidden_size}, {model_config.num_hidden_layers} layers), MoLE on all 7 "
+            f"projections (E=8, k=2, r=8, {args.style}){inner}; prompt {args.prompt}, {args.new} greedy decode steps, "
+            f"static KV cache, fp32, median of {args.repeats}, {'cold' if args.cold else 'cached'} compiles; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_info()['cpu']}")
+
+
+def configure_torch(args, compiled_graphs: int) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Every configuration compiles the same LlamaForCausalLM.forward code object: 7 compiled
+    # configurations x 2 batch sizes pass Dynamo's default limit of 8 entries, after which it
+    # would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * compiled_graphs)
+    torch._inductor.config.force_disable_caches = args.cold
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
@@ -308,31 +335,14 @@ def main(argv=None) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib: pip install 'adafuse-compile[plot]'") from None
     configs = select_configs(args.configs)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # Every configuration compiles the same LlamaForCausalLM.forward code object: 7 compiled
-    # configurations x 2 batch sizes pass Dynamo's default limit of 8 entries, after which it
-    # would silently run the rest eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(configs) * len(args.batches))
-    # Cold, even the tiny model's decode graph takes ~30 s per configuration and batch size on
-    # 2 cores (measured: 4 compiled configurations x 2 batches, 8 minutes), mostly C++ kernel
-    # builds that the cache shares between configurations.
-    torch._inductor.config.force_disable_caches = args.cold
-
-    kinds = list(dict.fromkeys(c.model for c in configs))
-    models = {k: build_model(k, args.size, args.model, args.style) for k in kinds}
-    cfg0 = next(iter(models.values())).config
-    what = args.model or f"{args.size} Llama"
-    header = (f"{what} (hidden {cfg0.hidden_size}, {cfg0.num_hidden_layers} layers), MoLE on all 7 projections "
-              f"(E=8, k=2, r=8, {args.style}); prompt {args.prompt}, {args.new} greedy decode steps, static KV "
-              f"cache, fp32, median of {args.repeats}, {'cold' if args.cold else 'cached'} compiles; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{machine_info()['cpu']}")
+    configure_torch(args, sum(c.backend is not None for c in configs) * len(args.batches))
+    models = {k: build_model(k, args.size, args.model, args.style) for k in dict.fromkeys(c.model for c in configs)}
+    header = describe(args, next(iter(models.values())).config)
     print(header.split(";")[0], file=sys.stderr, flush=True)
-    forwards = {c.key: compiled_forward(models[c.model], c) for c in configs}
+    forwards = {c.key: compiled_forward(models[c.model], c, args.inner) for c in configs}
     results, profiles = [], {}
     for batch in args.batches:
-        rows, prof = run_batch(batch, configs, models, forwards, args, header)
+        rows, prof = run_batch(batch, configs, models, forwards, args)
         results += rows
         profiles.update({(k, batch): v for k, v in prof.items()})
     targets = speed_targets(results)
@@ -341,7 +351,7 @@ def main(argv=None) -> int:
         write_json(args.json, {
             "machine": machine_info(),
             "settings": {k: getattr(args, k) for k in ("size", "model", "style", "batches", "prompt", "new",
-                                                        "repeats", "seed", "cold")},
+                                                        "repeats", "seed", "cold", "inner")},
             "configs": [dataclasses.asdict(c) for c in configs],
             "results": results, "targets": targets,
             "profiles": [{"config": k, "batch": b, "top": v} for (k, b), v in profiles.items()],

@@ -1,21 +1,67 @@
-"""The examples run as scripts (the README's `make demo` runs quickstart.py)."""
+"""The examples and the benchmark command run as scripts (the README's `make demo` runs
+quickstart.py). CI-sized: the tiny model, the adafuse passes followed by ``inner="eager"``
+(seconds instead of Inductor's tens of seconds per graph), a few tokens."""
 
+import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 
-@pytest.mark.slow
-def test_quickstart_runs_and_matches_eager():
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), "--size", "tiny", "--tokens", "8"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "max |logits diff| adafuse vs eager" in out.stdout
-    assert "forward: eager" in out.stdout
-    assert "explain: 14 of 14 sites fused" in out.stdout
+def _run(*argv, timeout=300):
+    out = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_quickstart_generates_the_eager_tokens_and_explains():
+    out = _run(EXAMPLES / "quickstart.py", "--size", "tiny", "--new", "6", "--inner", "eager")
+    assert "tokens identical to eager: True" in out
+    assert "generate: eager" in out
+    assert "adafuse: 14 site(s)" in out and "fused 14" in out
+
+
+@pytest.mark.parametrize("tracer", [[], ["--dynamo"]], ids=["symbolic_trace", "dynamo"])
+def test_passes_on_fx_fuses_both_sites_and_keeps_the_output(tracer):
+    out = _run(EXAMPLES / "passes_on_fx.py", *tracer)
+    assert out.count(": fused (E=4, k=2, r=4") == 2
+    assert "_fused_site" in out.split("after FoldStaticLoRAPass")[1]
+    assert "max |output diff| after the passes" in out
+
+
+def test_pregated_model_compiles_every_strategy():
+    out = _run(EXAMPLES / "pregated_model.py", "--size", "tiny", "--new", "3", "--repeats", "1", "--inner", "eager")
+    for strategy in ("fused", "merge", "auto"):
+        assert f"strategy='{strategy}': compiled" in out
+    assert "strategy='fused': compiled" in out and "tokens equal to eager: True" in out.split("strategy='merge'")[0]
+    assert "decode step:" in out
+
+
+def test_bench_cli_writes_table_json_and_plot(tmp_path):
+    """Two configurations, two batch sizes: the table, the output check, every figure in JSON."""
+    plot = importlib.util.find_spec("matplotlib") is not None
+    argv = ["-m", "adafuse_compile.bench", "--size", "tiny", "--batch", "1,2", "--new", "3", "--repeats", "2",
+            "--configs", "mole-eager,mole-fused", "--inner", "eager", "--json", tmp_path / "out.json"]
+    out = _run(*argv, *(["--plot", tmp_path / "out.png"] if plot else []))
+    assert "MoLE adafuse fused" in out and "tokens equal" in out
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["machine"]["threads"] >= 1 and data["machine"]["torch"]
+    rows = {(r["config"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {(c, b) for c in ("mole-eager", "mole-fused") for b in (1, 2)}
+    fused = rows["mole-fused", 2]
+    assert fused["check"]["tokens_equal"] and fused["reference"] == "mole-eager"
+    assert fused["sites"] == {"fused": 14} and fused["ms_per_token"] > 0 and fused["options"] == {"strategy": "fused"}
+    if plot:
+        assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_unknown_configurations():
+    out = subprocess.run([sys.executable, "-m", "adafuse_compile.bench", "--configs", "nope*"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "match no configuration" in out.stderr and "mole-fused" in out.stderr
