@@ -16,8 +16,10 @@ from .backend import adafuse_backend
 from .explain import ExplainReport, explain
 from .merge_state import MergedGroup
 from .options import AdafuseOptions
+from .pregate import ApproximationReport, approximate_pregate
 
-__all__ = ["AdafuseOptions", "ExplainReport", "MergedGroup", "adafuse_backend", "compile", "explain", "kernels"]
+__all__ = ["AdafuseOptions", "ApproximationReport", "ExplainReport", "MergedGroup", "adafuse_backend",
+           "approximate_pregate", "compile", "explain", "kernels"]
 __version__ = "0.1.0"
 
 

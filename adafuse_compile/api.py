@@ -21,7 +21,8 @@ _DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True}
 
 
 def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | None = None,
-            fullgraph: bool = False, mode: str | None = None, **options: Any) -> torch.nn.Module:
+            fullgraph: bool = False, mode: str | None = None, calibration: torch.Tensor | None = None,
+            **options: Any) -> torch.nn.Module:
     """``torch.compile(model, backend="adafuse", options=options)``, plus scoped Dynamo settings.
 
     The settings apply whenever the compiled forward runs (and so whenever Dynamo compiles or
@@ -33,8 +34,21 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
     then ``model.generate()`` (transformers), hooks and every other caller of ``model(...)``
     run compiled. The default returns a new wrapper module, whose ``generate`` would call the
     uncompiled forward. ``del model.forward`` undoes ``in_place``.
+
+    ``pregate="approximate"`` (opt-in; it changes the model) first replaces the per-layer
+    routers with one fitted token-level gate (:func:`adafuse_compile.approximate_pregate`, on
+    the token ids ``calibration`` if given), logs its report and compiles that new model, which
+    holds the report as ``adafuse_pregate_report``; ``model`` is left as it was, so ``in_place``
+    then applies to the new model, which is returned.
     """
-    AdafuseOptions.from_dict(options)
+    if AdafuseOptions.from_dict(options).pregate == "approximate":
+        from .pregate import approximate_pregate
+
+        model, report = approximate_pregate(model, calibration)
+        model.adafuse_pregate_report = report
+        options = {**options, "pregate": "exact"}  # the backend sees the new model's graphs only
+    elif calibration is not None:
+        raise ValueError("calibration= is only used with pregate='approximate'")
     kwargs = dict(backend="adafuse", options=options or None, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
     if in_place:
         model.forward = _with_settings(torch.compile(model.forward, **kwargs))

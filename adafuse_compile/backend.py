@@ -61,6 +61,10 @@ def adafuse_backend(
     ``mode`` is accepted for ``torch.compile``'s signature and passed to Inductor.
     """
     opts = AdafuseOptions.from_dict(options)
+    if opts.pregate == "approximate":  # needs the model, not a graph: adafuse_compile.compile does it
+        from .pregate import APPROXIMATE_NEEDS_MODEL
+
+        raise ValueError(APPROXIMATE_NEEDS_MODEL)
     return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
 
 

@@ -64,8 +64,14 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
     It resets Dynamo (``torch._dynamo.reset()``) before and after, so that every frame is
     captured afresh: models compiled earlier in the process recompile on their next call.
+    ``pregate="approximate"`` raises ``ValueError`` as the backend does: explain the model that
+    :func:`adafuse_compile.approximate_pregate` returns instead.
     """
     opts = AdafuseOptions.from_dict(options)
+    if opts.pregate == "approximate":  # explain reports on the model it is given, never a changed one
+        from .pregate import APPROXIMATE_NEEDS_MODEL
+
+        raise ValueError(APPROXIMATE_NEEDS_MODEL)
     reports: list[SiteReport] = []
     groups: list[GroupReport] = []
     graphs = 0

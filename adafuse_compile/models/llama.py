@@ -200,6 +200,15 @@ def _install_inputs_embeds_hook(backbone: nn.Module, pregate: PreGate):
     return backbone.register_forward_pre_hook(_InputsEmbedsHook(pregate, pos), with_kwargs=True)
 
 
+def _attach_pregate(model: nn.Module, emb_name: str, pregate: PreGate) -> None:
+    """Make computing the embeddings compute ``pregate``'s decision: the embedding at
+    ``emb_name`` becomes a :class:`PreGatedEmbedding`, and a backbone pre-hook covers
+    ``inputs_embeds`` calls (shared by :func:`add_pregated_lora_moe` and approximate pre-gating)."""
+    _replace(model, emb_name, PreGatedEmbedding(model.get_submodule(emb_name), pregate))
+    backbone = getattr(model, "base_model", model)
+    pregate._hook_handle = _install_inputs_embeds_hook(backbone, pregate)
+
+
 def add_pregated_lora_moe(
     model: nn.Module,
     targets: Iterable[str] | str = DEFAULT_TARGETS,
@@ -241,9 +250,7 @@ def add_pregated_lora_moe(
             init_ratio=init_ratio,
         )
         _replace(model, name, site)
-    _replace(model, emb_name, PreGatedEmbedding(emb, pregate))
-    backbone = getattr(model, "base_model", model)
-    pregate._hook_handle = _install_inputs_embeds_hook(backbone, pregate)
+    _attach_pregate(model, emb_name, pregate)
     if freeze_base:
         _freeze_backbone(model)
     return model
