@@ -12,6 +12,7 @@ experts as each site's own router, and how far the next-token distributions move
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -146,11 +147,12 @@ def approximate_pregate(
     emb = model.get_submodule(emb_name)
     calib_ids, held_ids = _token_sets(calibration, emb.num_embeddings, tokens, held_out, seed, emb.weight.device)
 
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model) as modes, torch.no_grad():
         h0, logits = _record(model, emb, sites, calib_ids)
         weight, r2 = fit_gate(h0, logits, normalize=True)
         approx = _pregated_copy(model, emb_name, sites, weight, spec)
         report = _measure(model, approx, emb, sites, held_ids, spec, r2, calib_ids.numel())
+    _set_modes(approx, modes, default=modes[emb_name])  # the copy's modes are the original's; the PreGate's its embedding's
     log.info("adafuse %s", report.summary())
     for s, a in zip(report.sites, report.agreement):
         log.info("adafuse approximate pre-gate: %s same expert set %s", s, _pct(a))
@@ -220,19 +222,20 @@ def _random_ids(n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, vocab, (math.ceil(n / length), length), generator=gen)
 
 
-class _eval_mode:
-    """Run the original model in eval mode (no dropout) and restore each module's own flag after."""
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Run the original model in eval mode (no dropout); yields each module's own flag, restored after."""
+    flags = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    try:
+        yield flags
+    finally:
+        _set_modes(model, flags, default=False)
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
 
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
+def _set_modes(model: nn.Module, flags: dict[str, bool], default: bool) -> None:
+    for name, m in model.named_modules():
+        m.training = flags.get(name, default)
 
 
 def _record(model, emb, sites, ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,11 +277,9 @@ def _pregated_copy(model, emb_name, sites, weight, spec) -> nn.Module:
     )
     pregate.router.weight.copy_(weight)
     pregate.router.weight.requires_grad_(spec["trainable"])
-    pregate.train(emb.training)
     for name in sites:
         _replace(approx, name, _pregated_site(approx.get_submodule(name), pregate))
     _attach_pregate(approx, emb_name, pregate)
-    approx.get_submodule(emb_name).train(emb.training)
     return approx
 
 
@@ -289,7 +290,7 @@ def _pregated_site(site: LoRAMoELinear, pregate: PreGate) -> PreGatedLoRAMoELine
     for p, flag in zip(site.base_layer.parameters(), flags):  # the constructor froze the shared base
         p.requires_grad_(flag)
     new.lora_A, new.lora_B = site.lora_A, site.lora_B  # shared Parameters, not copies
-    return new.train(site.training)
+    return new
 
 
 def _chosen(idx: torch.Tensor, g: torch.Tensor, gate: str, experts: int) -> torch.Tensor:

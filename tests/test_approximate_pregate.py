@@ -85,6 +85,16 @@ def test_original_model_is_unchanged(approximated):
                                                              or ".router." in n for n, _ in model.named_parameters()]
 
 
+def test_approximated_model_keeps_the_original_training_modes():
+    model = _model().train()
+    model.model.layers[0].eval()
+    approx, _ = approximate_pregate(model, tokens=64, held_out=32)
+    assert model.training and not model.model.layers[0].training  # restored after the eval-mode runs
+    modes = {n: m.training for n, m in model.named_modules()}
+    assert all(m.training == modes.get(n, True) for n, m in approx.named_modules())
+    assert find_pregate(approx).training
+
+
 def test_fit_recovers_a_linear_gate_exactly():
     """Logits that ARE a linear function of the normalized embeddings: the fit finds it."""
     gen = torch.Generator().manual_seed(0)
@@ -143,8 +153,8 @@ def test_models_it_cannot_approximate_raise_saying_why():
 
 
 def test_compile_with_approximate_pregate_runs_the_approximated_model():
-    model, ids = _model(), _ids(2)
-    calibration = _ids(8, seed=2)
+    model = add_lora_moe(tiny_llama("tiny", num_hidden_layers=1), targets=("q_proj", "down_proj"), rank=4).eval()
+    ids, calibration = _ids(2), _ids(8, seed=2)
     torch._dynamo.reset()
     compiled = adafuse_compile.compile(model, pregate="approximate", inner="eager", calibration=calibration)
     approx, report = approximate_pregate(model, calibration)
