@@ -75,10 +75,16 @@ class ApproximationReport:
             f"{self.calibration_tokens} calibration tokens (E={self.experts}, k={self.top_k}, "
             f"{self.gate}; fit R^2 {self.fit_r2:.3f}); the model changed. On {self.held_out_tokens} "
             f"held-out tokens: same expert set as the site's router {_pct(self.mean_agreement)} mean "
-            f"(min {_pct(min(self.agreement))}, max {_pct(max(self.agreement))}), next-token "
+            f"(min {_pct(min(self.agreement))}, max {_pct(max(self.agreement))}{self._chance()}), next-token "
             f"KL(original || approximated) {self.kl:.4g} nats, greedy tokens unchanged "
             f"{_pct(self.greedy_agreement)}"
         )
+
+    def _chance(self) -> str:
+        """Agreement of a gate that picks k experts at random: the floor the numbers compare to."""
+        if self.gate not in ("softmax_topk", "topk_softmax"):
+            return ""  # dense: always the same set; top-p: set sizes vary per token
+        return f"; chance {_pct(1 / math.comb(self.experts, self.top_k))}"
 
     def __str__(self) -> str:
         width = max(len("site"), *(len(s) for s in self.sites))
