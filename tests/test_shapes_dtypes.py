@@ -33,7 +33,7 @@ def _recording_backend(graphs, reports, **options):
     return backend
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # float32: tests/passes/test_fuse_mole.py
 def test_low_precision_models_route_in_float32_and_stay_as_accurate_as_eager(dtype):
     """16-bit weights and activations, float32 routers (MixLoRA's router_dtype). The fused op
     rounds differently from eager's einsums, so both are measured against float64: adafuse may
@@ -48,16 +48,13 @@ def test_low_precision_models_route_in_float32_and_stay_as_accurate_as_eager(dty
     assert got.dtype == dtype and count_calls(gm, _fused_site) == 7
     routers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.linear, torch._C._nn.linear)
                and n.meta["example_value"].dtype == torch.float32]
-    # The routers' matmuls still run in float32 in the rewritten graph (in fp32, lm_head too).
-    assert len(routers) == (8 if dtype == torch.float32 else 7)
+    assert len(routers) == 7  # the routers' matmuls still run in float32 in the rewritten graph
     mag = reference.abs().max().item()
     tol = tolerance(dtype, 256) * max(1.0, mag)
     eager_err = (eager - reference).abs().max().item()
     adafuse_err = (got.double() - reference).abs().max().item()
     assert adafuse_err <= eager_err + tol, (adafuse_err, eager_err, tol)
     assert (got.double() - eager).abs().max().item() <= 2 * eager_err + tol
-    if dtype == torch.float32:
-        assert adafuse_err <= tol
 
 
 def test_varying_batch_and_length_compile_twice_and_fuse_with_symbolic_shapes():
