@@ -21,7 +21,10 @@ IDS = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
 def _grads(model, loss_fn):
     model.zero_grad(set_to_none=True)
     loss_fn().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing, f"no gradient reached {missing}"
+    return {n: g.clone() for n, g in grads.items()}
 
 
 def _assert_same_grads(got, expected, dtype=torch.float32, reduction=256):
