@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import FoldStaticLoRAPass, FuseMoLEPass, MergeSwitchPass, PassManager
+from .passes import FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, PassManager
 from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
 
 log = logging.getLogger("adafuse_compile")
@@ -28,6 +28,9 @@ def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
         passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs)))
+    if opts.hoist:
+        passes.append(HoistRoutersPass())
+    if opts.fuse:
         passes.append(MergeSwitchPass(opts.strategy))
     return PassManager(passes, strict=opts.strict)
 

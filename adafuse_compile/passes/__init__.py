@@ -3,14 +3,16 @@
 :class:`PassManager` only orders and runs passes; the backend builds it from the options.
 Passes, in order: :class:`FoldStaticLoRAPass` (static LoRA into the base weight),
 :class:`FuseMoLEPass` (find sites, verify on probes, one fused op per site),
+:class:`HoistRoutersPass` (routers reading one tensor: one batched matmul, bitwise-equal logits),
 :class:`MergeSwitchPass` (the sites of one pre-gate decision: a group that merges or fuses per step).
 """
 
 from .fold_lora import FoldStaticLoRAPass
 from .fuse_mole import FuseMoLEPass, SiteReport
+from .hoist_routers import HoistRoutersPass
 from .manager import GraphPass, PassManager
 from .merge_switch import GroupReport, MergeSwitchPass
 from .sites import Site, find_sites
 
-__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "MergeSwitchPass", "PassManager", "Site",
+__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "PassManager", "Site",
            "SiteReport", "find_sites"]
