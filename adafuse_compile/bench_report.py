@@ -41,6 +41,9 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        # Other work on the machine slows every configuration (2 cores: a second busy process
+        # turned 8 ms steps into 80 ms ones here); the load says whether the figures are clean.
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
