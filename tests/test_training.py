@@ -34,13 +34,19 @@ def _assert_same_grads(got, expected, dtype=torch.float32, reduction=256):
         torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=name)
 
 
-def test_llama_adapter_gradients_equal_eager():
+@pytest.mark.parametrize("hoist", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "bug: HoistRoutersPass rewrites routers whose weights require grad; the stacked router "
+        "weight is a derived input outside autograd, so q/k/v and gate/up routers get no gradient"))),
+])
+def test_llama_adapter_gradients_equal_eager(hoist):
     """Through AOTAutograd (as Inductor would be); the code-shape tests below use inner="eager"."""
     model = add_lora_moe(tiny_llama("tiny", num_hidden_layers=1))  # adapters trainable, backbone frozen
     loss = lambda m: lambda: m(IDS).logits.square().mean()  # noqa: E731
     expected = _grads(model, loss(model))
     torch._dynamo.reset()
-    fast = torch.compile(model, backend="adafuse", options={"inner": "aot_eager", "strict": True})
+    fast = torch.compile(model, backend="adafuse", options={"inner": "aot_eager", "strict": True, "hoist": hoist})
     got = _grads(model, loss(fast))
     torch._dynamo.reset()
     assert len(expected) == 7 * 3  # lora_A, lora_B, router of 7 sites
