@@ -72,7 +72,7 @@ class FoldStaticLoRAPass(GraphPass):
         position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         replaced: list[fx.Node] = []
         for site in sites:
-            if needs_gradients(site, params) or has_routing(site):
+            if needs_gradients(site, params) or has_routing(site) or site.externals:
                 continue  # FuseMoLEPass probes and reports these; no need to probe them twice
             canon, _ = canonicalize(gm, site, params, size_values(gm, example_inputs))
             if canon is None or canon.gate != "static":
