@@ -6,9 +6,10 @@ A *site* is found structurally and stays a candidate until a pass verifies it nu
     out = y + t_1 + ... + t_n                   # a chain of adds (n >= 1)
 
 where every term ``t_i`` is computed from ``x``, parameters and at most a routing decision made
-elsewhere (its backward slice has no other activation as a leaf). That covers how MoLE projects write adapters (stacked experts
-gathered by index, per-expert loops with masks, dense gates, a shared A, routing weights on the
-input or the output, static LoRA) without a pattern per project: what the slice computes is
+elsewhere (its backward slice has no other activation as a leaf). That covers how MoLE projects
+write adapters (stacked experts gathered by index, per-expert loops with masks, dense gates, a
+shared A, routing weights on the input or the output, static LoRA) without a pattern per
+project: what the slice computes is
 established later by probing it (:mod:`.canonical`). A term that reads another tensor (a router
 on a different input, the base output itself) is not a site, and the reason is recorded.
 

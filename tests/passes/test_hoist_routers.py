@@ -7,7 +7,6 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-import adafuse_compile
 from adafuse_compile.models import add_lora_moe, tiny_llama
 from adafuse_compile.models.layers import GATES, LoRAMoELinear
 from adafuse_compile.passes.hoist_routers import _hoisted_logits, _router_logits
