@@ -25,6 +25,7 @@ class ExplainReport:
     graph_breaks: int
     break_reasons: list[str]
     groups: list[GroupReport] = dataclasses.field(default_factory=list)  # sites sharing one pre-gate decision
+    hoisted_routers: list[list[str]] = dataclasses.field(default_factory=list)  # routers batched into one matmul
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
@@ -41,6 +42,9 @@ class ExplainReport:
         lines = [head, ""]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if self.hoisted_routers:
+            lines.append(f"routers hoisted: {sum(map(len, self.hoisted_routers))} router(s) in "
+                         f"{len(self.hoisted_routers)} batched matmul(s), routing bitwise unchanged")
         for grp in self.groups:
             lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
                          f"cost model: {grp.estimate}")
@@ -74,6 +78,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
     reports: list[SiteReport] = []
     groups: list[GroupReport] = []
+    hoisted: list[list[str]] = []
     graphs = 0
 
     def collect(gm, example_inputs):
@@ -82,6 +87,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         manager = build_pass_manager(opts, example_inputs)
         rewrite(gm, example_inputs, opts, manager)
         for p in manager.passes:
+            hoisted.extend(getattr(p, "hoisted", []))
             for r in getattr(p, "reports", []):
                 (groups if isinstance(r, GroupReport) else reports).append(r)
         return gm.forward  # run the captured graph as it was
@@ -95,7 +101,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         breaks = sorted(counters["graph_break"])
     finally:
         torch._dynamo.reset()
-    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks, groups)
+    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks, groups, hoisted)
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+import adafuse_compile
 from adafuse_compile.models import add_lora_moe, tiny_llama
 from adafuse_compile.models.layers import GATES, LoRAMoELinear
 from adafuse_compile.passes.hoist_routers import _hoisted_logits, _router_logits
@@ -78,6 +79,9 @@ def test_llama_routers_hoisted_per_shared_input():
     layers = model.config.num_hidden_layers
     assert count_calls(gm, _hoisted_logits) == 2 * layers
     assert count_calls(gm, _router_logits) == 5 * layers
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, ids, options={"inner": "eager"})
+    assert len(report.hoisted_routers) == 2 * layers and "routers hoisted: 10 router(s)" in str(report)
 
 
 def test_hoist_option_off_leaves_routers():
