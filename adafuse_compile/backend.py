@@ -27,7 +27,7 @@ def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager
     if opts.fold:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
-        passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs)))
+        passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs), strict=opts.strict))
     if opts.hoist:
         passes.append(HoistRoutersPass())
     if opts.fuse:

@@ -98,10 +98,13 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     counters.clear()
     try:
         torch.compile(model, backend=collect)(*args, **kwargs)
-        breaks = sorted(counters["graph_break"])
+        # A break Dynamo cannot split a frame at (one inside a loop) skips the whole frame: it
+        # is counted as "unimplemented", not as a graph break, and the frame runs eagerly.
+        skipped = {f"frame skipped, runs eagerly: {r.splitlines()[0]}": n for r, n in counters["unimplemented"].items()}
+        breaks = {**counters["graph_break"], **skipped}
     finally:
         torch._dynamo.reset()
-    report = ExplainReport(reports, graphs, sum(counters["graph_break"].values()), breaks, groups, hoisted)
+    report = ExplainReport(reports, graphs, sum(breaks.values()), sorted(breaks), groups, hoisted)
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report

@@ -147,7 +147,7 @@ class SwitchedGroup:
                 and torch.equal(self.merged.g, row[1]))
 
     def _merged_group(self, weights, As, Bs, scales) -> MergedGroup:
-        sources = tuple((id(t), t._version) for t in (*weights, *As, *Bs))
+        sources = tuple((id(t), t._version, t.data_ptr()) for t in (*weights, *As, *Bs))
         if self.merged is None or sources != self._sources:
             copies = [w.detach().clone() for w in weights]
             self.merged = MergedGroup(copies, [a.detach() for a in As], [b.detach() for b in Bs], scales,

@@ -34,12 +34,7 @@ def _assert_same_grads(got, expected, dtype=torch.float32, reduction=256):
         torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=name)
 
 
-@pytest.mark.parametrize("hoist", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "bug: HoistRoutersPass rewrites routers whose weights require grad; the stacked router "
-        "weight is a derived input outside autograd, so q/k/v and gate/up routers get no gradient"))),
-])
+@pytest.mark.parametrize("hoist", [False, True])
 def test_llama_adapter_gradients_equal_eager(hoist):
     """Through AOTAutograd (as Inductor would be); the code-shape tests below use inner="eager"."""
     model = add_lora_moe(tiny_llama("tiny", num_hidden_layers=1))  # adapters trainable, backbone frozen
@@ -90,13 +85,7 @@ def test_every_code_shape_trains_with_eager_gradients(style):
     _assert_same_grads(got, expected, reduction=64)
 
 
-@pytest.mark.parametrize("lowering", [
-    "decomposed",
-    pytest.param("op", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "bug: needs_gradients checks only the site's parameters; a site whose input requires "
-        "grad (frozen model, gradients w.r.t. the input) is fused into the op, whose backward "
-        "raises 'no autograd formula was registered'"))),
-])
+@pytest.mark.parametrize("lowering", ["decomposed", "op"])
 def test_gradients_with_respect_to_the_input_of_a_frozen_model(lowering):
     """Attribution and adversarial inputs: parameters frozen, the input requires grad."""
     layer = LoRAMoELinear(torch.nn.Linear(16, 12), experts=4, rank=3, top_k=2).requires_grad_(False)

@@ -2,10 +2,11 @@
 
 A pass that wants a tensor precomputed from parameters (a folded weight, stacked experts) adds
 a placeholder and registers a :class:`DerivedInput` in ``gm.meta[DERIVED_INPUTS]``; the backend
-evaluates it on the live inputs before every call. The result is cached by the identity and
-version counter of the tensors it reads: in-place updates (``copy_``, ``load_state_dict``) bump
-the version and a new tensor object is a new identity, so a stale value is never used, and an
-unchanged one costs a version check per tensor.
+evaluates it on the live inputs before every call. The result is cached by the identity,
+version counter and storage pointer of the tensors it reads: in-place updates (``copy_``,
+``load_state_dict``) bump the version, ``param.data = new`` changes the storage, and a new tensor
+object is a new identity, so a stale value is never used, and an unchanged one costs a check per
+tensor.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class DerivedInput:
 
     def __call__(self, inputs) -> torch.Tensor:
         tensors = [inputs[i] for i in self.positions]
-        versions = tuple(t._version for t in tensors)
+        # The storage pointer too: ``param.data = new`` swaps it without bumping ``_version``.
+        versions = tuple((t._version, t.data_ptr()) for t in tensors)
         same = len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors))
         if not same or versions != self._versions:
             with torch.no_grad():

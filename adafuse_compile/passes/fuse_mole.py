@@ -147,10 +147,10 @@ class FuseMoLEPass(GraphPass):
 
     name = "fuse_mole"
 
-    def __init__(self, lowering: str = "op") -> None:
+    def __init__(self, lowering: str = "op", strict: bool = False) -> None:
         if lowering not in ("op", "decomposed"):
             raise ValueError(f"lowering must be 'op' or 'decomposed', got {lowering!r}")
-        self.lowering = lowering
+        self.lowering, self.strict = lowering, strict
         self.reports: list[SiteReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs=None) -> None:
@@ -166,7 +166,13 @@ class FuseMoLEPass(GraphPass):
                           "compile under torch.no_grad() or torch.inference_mode() to fuse")
                 self.reports.append(SiteReport(site.name, "left", reason))
                 continue
-            canon, reason = canonicalize(gm, site, params, size_values(gm, example_inputs))
+            try:
+                canon, reason = canonicalize(gm, site, params, size_values(gm, example_inputs))
+            except Exception as e:  # probing is the step that runs arbitrary model code
+                if self.strict:
+                    raise
+                log.warning("adafuse: left %s: probing it raised %s", site.name, type(e).__name__, exc_info=True)
+                canon, reason = None, f"probing the site raised {type(e).__name__}: {e}"
             if canon is None:
                 self.reports.append(SiteReport(site.name, "left", reason))
                 log.info("adafuse: left %s: %s", site.name, reason)

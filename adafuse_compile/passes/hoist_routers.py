@@ -131,6 +131,10 @@ class HoistRoutersPass(GraphPass):
             if len(routers) < 2:
                 continue
             weights = [_parameter(r.args[1], params) for r in routers]
+            if torch.is_grad_enabled() and any(params[w].requires_grad for w in weights):
+                log.info("adafuse: routers %s not hoisted: their weights need gradients (the stacked copy "
+                         "is outside autograd)", ", ".join(w.name for w in weights))
+                continue
             tokens = _tokens(routers[0].args[0])
             if not _bitwise_equal([params[w] for w in weights], tokens):
                 log.info("adafuse: routers %s not hoisted: a batched matmul does not round like the separate "

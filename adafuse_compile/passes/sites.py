@@ -81,8 +81,12 @@ def ancestors(node: fx.Node, stop=frozenset()) -> set[fx.Node]:
 
 
 def needs_gradients(site: Site, params: dict[fx.Node, torch.Tensor]) -> bool:
-    """Whether autograd would need this site's parameters (the fused op has no backward yet)."""
-    return torch.is_grad_enabled() and any(params[p].requires_grad for p in (site.weight, *site.params))
+    """Whether autograd would need this site's parameters or input (the fused op has no backward)."""
+    if not torch.is_grad_enabled():
+        return False
+    x = site.x.meta.get("example_value", site.x.meta.get("val"))
+    return (isinstance(x, torch.Tensor) and x.requires_grad) or any(
+        params[p].requires_grad for p in (site.weight, *site.params))
 
 
 def has_routing(site: Site) -> bool:
