@@ -104,13 +104,6 @@ class MergeSwitchPass(GraphPass):
         gid = register_group(state)
         gm.meta.setdefault(KEEPALIVE, []).append(state)
         sites = [n.args for n in nodes]  # (x, W, b, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering)
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for a in sites:  # parameters as attributes (symbolic_trace) may be fetched late: fetch them first
-            params: list[fx.Node] = []
-            fx.node.map_arg(a[1:5], params.append)
-            for n in params:
-                if n.op == "get_attr" and order[n] > order[nodes[0]]:
-                    nodes[0].prepend(n)
         with gm.graph.inserting_before(nodes[0]):
             token = gm.graph.call_function(_group_decide, (
                 idx, g, [a[1] for a in sites], [a[3] for a in sites], [a[4] for a in sites],
