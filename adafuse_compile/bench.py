@@ -67,6 +67,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("pregated-fused", "pre-gated adafuse fused", "pregated", "adafuse", {"strategy": "fused"}),
     Config("pregated-merge", "pre-gated adafuse merge", "pregated", "adafuse", {"strategy": "merge"},
            exact=False),
+    # The default strategy: the cost model's run-time guard picks fused or merged per step.
+    Config("pregated-auto", "pre-gated adafuse auto", "pregated", "adafuse", {"strategy": "auto"},
+           exact=False, default=False),
 )
 
 
