@@ -70,7 +70,7 @@ class MergeSwitchPass(GraphPass):
 
     name = "merge_switch"
 
-    def __init__(self, strategy: str = "auto") -> None:
+    def __init__(self, strategy: str = "fused") -> None:
         if strategy not in ("auto", "fused", "merge"):
             raise ValueError(f"strategy must be 'auto', 'fused' or 'merge', got {strategy!r}")
         self.strategy = strategy
