@@ -112,11 +112,10 @@ class SwitchedGroup:
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.switch_rate = 1.0  # until observed: assume every step brings a new decision
         self.use_merged = False
-        self.steps = self.merged_steps = 0
+        self.merged_steps = 0
 
     def step(self, idx: torch.Tensor, g: torch.Tensor, weights, As, Bs, scales) -> None:
         """Decide this step's mode from the decision ``idx, g [T, k]``; merge it if merged."""
-        self.steps += 1
         row = self._common_row(idx, g)
         if row is not None:
             self._observe(row)

@@ -66,15 +66,22 @@ def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dt
     ``lowering="decomposed"`` computes the same thing in plain torch ops (the gathered form of
     :func:`~adafuse_compile.kernels.reference.lora_moe_linear_ref`) for Inductor to fuse.
     """
+    kernel = lora_moe_linear_ref if lowering == "decomposed" else lora_moe_linear
+    x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
+    y = kernel(x2, weight, bias, A, B, idx, g, scale)
+    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+
+
+def site_operands(x, A, B, idx, g, A_layout, B_layout):
+    """``(x [T, in], A, B, idx [T, k] int64, g [T, k])`` as the fused ops take them: canonical
+    expert layouts, tokens flattened, the dense or static decision made explicit."""
     A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
     x2 = x.reshape(-1, x.shape[-1])  # routing may run on flattened tokens (MixLoRA): the
     if g is None:  # static LoRA          # verification compared in this flattened order
         g = torch.ones(x2.shape[0], 1, dtype=x.dtype, device=x.device)
     g = g.reshape(-1, g.shape[-1])
     idx = _dense_idx(g) if idx is None else idx.reshape(-1, g.shape[-1])
-    kernel = lora_moe_linear_ref if lowering == "decomposed" else lora_moe_linear
-    y = kernel(x2, weight, bias, A, B, idx.to(torch.int64), g, scale)
-    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+    return x2, A, B, idx.to(torch.int64), g
 
 
 def _alias_group(node: fx.Node) -> set[fx.Node]:

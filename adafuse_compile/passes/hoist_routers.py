@@ -28,11 +28,12 @@ routes 100k random tokens: 0 flipped experts. Routers with a bias are left (a fu
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.fx as fx
 
-from .canonical import node_value_meta
+from .canonical import _concrete, _name, node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import is_linear, parameter_values
@@ -56,10 +57,6 @@ def _router_logits(logits: torch.Tensor, s: int, inp: torch.Tensor) -> torch.Ten
     return logits[s].view(*inp.shape[:-1], logits.shape[-1])
 
 
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
 def _feeds_selection(node: fx.Node, depth: int = 6) -> bool:
     """Whether a top-k or softmax is computed from ``node`` within ``depth`` ops: a router."""
     frontier = [node]
@@ -79,12 +76,10 @@ def _cast_chain(node: fx.Node):
     return node, tuple(reversed(casts))
 
 
-def _tokens(inp: fx.Node) -> int:
-    """Rows of the router input in this example (symbolic sizes by their hints)."""
-    rows = 1
-    for d in node_value_meta(inp).shape[:-1]:
-        rows *= int(d.node.hint) if isinstance(d, torch.SymInt) and d.node.hint is not None else int(d)
-    return rows
+def _tokens(inp: fx.Node) -> int | None:
+    """Rows of the router input in this example (symbolic sizes by their hints; None if unknown)."""
+    lead = _concrete(node_value_meta(inp).shape[:-1])
+    return None if lead is None else math.prod(lead)
 
 
 def _bitwise_equal(weights: list[torch.Tensor], tokens: int) -> bool:
@@ -136,19 +131,17 @@ class HoistRoutersPass(GraphPass):
                          "is outside autograd)", ", ".join(w.name for w in weights))
                 continue
             tokens = _tokens(routers[0].args[0])
-            if not _bitwise_equal([params[w] for w in weights], tokens):
+            if tokens is None or not _bitwise_equal([params[w] for w in weights], tokens):
                 log.info("adafuse: routers %s not hoisted: a batched matmul does not round like the separate "
                          "linears at this shape", ", ".join(w.name for w in weights))
                 continue
             if example_inputs is not None and all(w in placeholders for w in weights):
                 name = f"adafuse_stacked_routers_{len(gm.meta.get(DERIVED_INPUTS, []))}"
                 stacked = add_derived_input(gm, StackedTensors(tuple(placeholders[w] for w in weights)), name)
-                where = routers[0]
             else:  # parameters are attributes (symbolic_trace): stack in the graph
-                where = routers[0]
-                with gm.graph.inserting_before(where):
+                with gm.graph.inserting_before(routers[0]):
                     stacked = gm.graph.call_function(torch.stack, (weights,))
-            self._rewrite(gm, routers, stacked, where)
+            self._rewrite(gm, routers, stacked)
             self.hoisted.append([w.name for w in weights])
             log.info("adafuse: hoisted %d routers into one batched matmul (%s)", len(routers),
                      ", ".join(w.name for w in weights))
@@ -156,10 +149,11 @@ class HoistRoutersPass(GraphPass):
     @staticmethod
     def _router_key(node: fx.Node, params):
         """What makes routers batchable together, or None if ``node`` is not a router."""
-        if not is_linear(node) or len(node.args) < 2 or _parameter(node.args[1], params) is None:
+        param = _parameter(node.args[1], params) if is_linear(node) and len(node.args) >= 2 else None
+        if param is None:
             return None
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        weight = params[_parameter(node.args[1], params)]
+        weight = params[param]
         if bias is not None or weight.dim() != 2 or weight.shape[0] > _MAX_ROUTER_OUT:
             return None
         inp = node.args[0]
@@ -168,9 +162,9 @@ class HoistRoutersPass(GraphPass):
         return (*_cast_chain(inp), tuple(weight.shape), weight.dtype, weight.device)
 
     @staticmethod
-    def _rewrite(gm: fx.GraphModule, routers: list[fx.Node], stacked: fx.Node, where: fx.Node) -> None:
+    def _rewrite(gm: fx.GraphModule, routers: list[fx.Node], stacked: fx.Node) -> None:
         inp = routers[0].args[0]  # the others read the same values (same root, same casts)
-        with gm.graph.inserting_before(where):
+        with gm.graph.inserting_before(routers[0]):
             logits = gm.graph.call_function(_hoisted_logits, (inp, stacked))
         for s, router in enumerate(routers):
             with gm.graph.inserting_before(router):

@@ -32,7 +32,7 @@ from ..cost_model import CostModel, GroupShape
 from ..kernels.switched_linear import group_decide, group_site_linear, register_group
 from ..merge_state import SwitchedGroup
 from .canonical import canonical_A, canonical_B, node_value_meta
-from .fuse_mole import SITE_META, _fused_site
+from .fuse_mole import SITE_META, _fused_site, site_operands
 from .manager import KEEPALIVE, GraphPass
 
 log = logging.getLogger("adafuse_compile")
@@ -58,10 +58,8 @@ def _group_decide(idx, g, weights, As, Bs, A_layouts, B_layouts, scales, group):
 
 
 def _group_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype, token, group, site):
-    A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
-    k = g.shape[-1]
-    y = group_site_linear(x.reshape(-1, x.shape[-1]), weight, bias, A, B, idx.reshape(-1, k).to(torch.int64),
-                          g.reshape(-1, k), scale, token, group, site)
+    x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
+    y = group_site_linear(x2, weight, bias, A, B, idx, g, scale, token, group, site)
     return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
 
