@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from . import kernels  # registers torch.ops.adafuse.*
-from .api import compile
+from .api import compile, refresh
 from .backend import adafuse_backend
 from .explain import ExplainReport, explain
 from .merge_state import MergedGroup
@@ -19,7 +19,7 @@ from .options import AdafuseOptions
 from .pregate import ApproximationReport, approximate_pregate
 
 __all__ = ["AdafuseOptions", "ApproximationReport", "ExplainReport", "MergedGroup", "adafuse_backend",
-           "approximate_pregate", "compile", "explain", "kernels"]
+           "approximate_pregate", "compile", "explain", "kernels", "refresh"]
 __version__ = "0.1.0"
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .options import AdafuseOptions
 
-__all__ = ["compile"]
+__all__ = ["compile", "refresh"]
 
 # Token-dispatch adapters (MixLoRA, MoLA: ``torch.where(mask)`` + ``index_add_``) call nonzero,
 # whose output size depends on the data. By default Dynamo breaks the graph there, and a break
@@ -65,3 +65,19 @@ def _with_settings(forward: Callable) -> Callable:
             return forward(*args, **kwargs)
 
     return forward_with_settings
+
+
+def refresh() -> None:
+    """Recompute every cached weight of every compiled graph (``freeze=True`` only) at its next call.
+
+    With ``freeze=True`` the backend caches values computed from the weights (folded static
+    LoRA, stacked experts and routers, merged copies) and notices new tensors and autograd-visible
+    updates (``copy_``, ``load_state_dict``), but not writes through ``.data`` (``p.data.copy_``,
+    PEFT's ``hotswap_adapter``): call this after those. Without ``freeze`` nothing is cached and
+    there is nothing to refresh.
+    """
+    from .merge_state import SwitchedGroup
+    from .passes.derived import refresh_all
+
+    refresh_all()
+    SwitchedGroup.refresh_all()

@@ -24,12 +24,13 @@ __all__ = ["adafuse_backend", "build_pass_manager", "compile_rewritten", "rewrit
 def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
     passes = []
-    if opts.fold:
+    if opts.fold and opts.freeze:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
-        passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs), strict=opts.strict))
+        passes.append(FuseMoLEPass(lowering=resolve_lowering(opts, example_inputs), strict=opts.strict,
+                                   freeze=opts.freeze))
     if opts.hoist:
-        passes.append(HoistRoutersPass())
+        passes.append(HoistRoutersPass(freeze=opts.freeze))
     if opts.fuse:
         passes.append(MergeSwitchPass(opts.strategy))
     return PassManager(passes, strict=opts.strict)
@@ -68,7 +69,15 @@ def adafuse_backend(
         from .pregate import APPROXIMATE_NEEDS_MODEL
 
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
-    return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
+    try:
+        return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
+    except Exception:
+        # Anything of ours (a pass, a derived input, the inner compiler on the rewritten graph):
+        # the unrewritten graph is always a correct answer.
+        if opts.strict:
+            raise
+        log.warning("adafuse: rewriting failed; compiling the graph unrewritten", exc_info=True)
+        return compile_rewritten(gm, example_inputs, opts, mode)
 
 
 def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,

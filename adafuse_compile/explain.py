@@ -10,6 +10,7 @@ import torch
 from .backend import build_pass_manager, rewrite
 from .options import AdafuseOptions
 from .passes import GroupReport, SiteReport
+from .passes.hoist_routers import HoistedGroup
 
 log = logging.getLogger("adafuse_compile")
 
@@ -25,7 +26,7 @@ class ExplainReport:
     graph_breaks: int
     break_reasons: list[str]
     groups: list[GroupReport] = dataclasses.field(default_factory=list)  # sites sharing one pre-gate decision
-    hoisted_routers: list[list[str]] = dataclasses.field(default_factory=list)  # routers batched into one matmul
+    hoisted_routers: list[HoistedGroup] = dataclasses.field(default_factory=list)  # routers batched into one matmul
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
@@ -43,8 +44,11 @@ class ExplainReport:
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if self.hoisted_routers:
-            lines.append(f"routers hoisted: {sum(map(len, self.hoisted_routers))} router(s) in "
-                         f"{len(self.hoisted_routers)} batched matmul(s), routing bitwise unchanged")
+            counts = ", ".join(sorted({str(h.tokens) for h in self.hoisted_routers}))
+            lines.append(f"routers hoisted: {sum(len(h.routers) for h in self.hoisted_routers)} router(s) in "
+                         f"{len(self.hoisted_routers)} batched matmul(s); logits checked bitwise equal to the "
+                         f"separate linears at the graphs' static token count(s) ({counts}) on this machine's "
+                         "current BLAS and thread count")
         for grp in self.groups:
             lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
                          f"cost model: {grp.estimate}")

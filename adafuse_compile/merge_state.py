@@ -6,6 +6,9 @@ needs someone to remember that decision, skip redundant switches, and bound roun
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 
 from .cost_model import CostModel
@@ -93,6 +96,19 @@ class MergedGroup:
             self.switch(self.idx[:0], self.g[:0])
 
 
+class _PerThread(threading.local):
+    """A switched group's state for one thread: two threads running the same compiled graph each
+    merge into their own copies (measured cost: none per step; memory: one copy per thread)."""
+
+    def __init__(self) -> None:
+        self.merged: MergedGroup | None = None
+        self.sources: tuple = ()
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.switch_rate = 1.0  # until observed: assume every step brings a new decision
+        self.use_merged = False
+        self.merged_steps = 0
+
+
 class SwitchedGroup:
     """A pre-gated group at run time: per step, fused or merged, and the merged copies.
 
@@ -100,33 +116,67 @@ class SwitchedGroup:
     (also ask the cost model, with the observed rate of decision changes). The model's weights
     are never modified: the decision is merged into copies (made at the first merged step, so a
     group that never merges costs no memory), re-based from the model's weights; copies made
-    from weights that have since changed (new tensors, or in-place updates) are rebuilt.
+    from weights that have since changed (new tensors, or in-place updates) are rebuilt, and
+    :meth:`refresh_all` drops them all (after writes through ``.data``). The state is per
+    thread; one group object serves every graph compiled for the same weights (:meth:`shared`),
+    so recompiling does not add copies.
     """
+
+    _shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    _all: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, strategy: str, cost: CostModel | None) -> None:
         if strategy not in ("merge", "auto") or (strategy == "auto" and cost is None):
             raise ValueError(f"strategy must be 'merge', or 'auto' with a cost model, got {strategy!r}")
         self.strategy, self.cost = strategy, cost
-        self.merged: MergedGroup | None = None
-        self._sources: tuple = ()
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.switch_rate = 1.0  # until observed: assume every step brings a new decision
-        self.use_merged = False
-        self.merged_steps = 0
+        self._local = _PerThread()
+        SwitchedGroup._all.add(self)
+
+    @classmethod
+    def shared(cls, strategy: str, cost: CostModel | None, weights: list[torch.Tensor]) -> "SwitchedGroup":
+        """The group for these weights (by identity) and strategy, made once per process."""
+        key = (strategy, *(id(w) for w in weights))
+        group = cls._shared.get(key)
+        if group is None:
+            group = cls._shared[key] = cls(strategy, cost)
+        return group
+
+    @classmethod
+    def refresh_all(cls) -> None:
+        """Drop every group's merged copies (in this thread); the next merged step rebuilds them."""
+        for group in list(cls._all):
+            group._local.merged, group._local.sources = None, ()
+
+    @property
+    def merged(self) -> MergedGroup | None:
+        return self._local.merged
+
+    @property
+    def use_merged(self) -> bool:
+        return self._local.use_merged
+
+    @property
+    def merged_steps(self) -> int:
+        return self._local.merged_steps
+
+    @property
+    def switch_rate(self) -> float:
+        return self._local.switch_rate
 
     def step(self, idx: torch.Tensor, g: torch.Tensor, weights, As, Bs, scales) -> None:
         """Decide this step's mode from the decision ``idx, g [T, k]``; merge it if merged."""
+        local = self._local
         row = self._common_row(idx, g)
         if row is not None:
             self._observe(row)
-        self.use_merged = row is not None and (self.strategy == "merge" or self._merged_is(row)
-                                               or self.cost.merge_pays(idx.shape[0], self.switch_rate))
-        if self.use_merged:
-            self.merged_steps += 1
+        local.use_merged = row is not None and (self.strategy == "merge" or self._merged_is(row)
+                                                or self.cost.merge_pays(idx.shape[0], local.switch_rate))
+        if local.use_merged:
+            local.merged_steps += 1
             self._merged_group(weights, As, Bs, scales).switch(*row)
 
     def weight(self, site: int) -> torch.Tensor:
-        return self.merged.weights[site]
+        return self._local.merged.weights[site]
 
     @staticmethod
     def _common_row(idx, g):
@@ -137,19 +187,21 @@ class SwitchedGroup:
 
     def _observe(self, row) -> None:
         """Running rate of steps whose (common) decision differs from the last one seen."""
-        changed = self.last is None or not (torch.equal(row[0], self.last[0]) and torch.equal(row[1], self.last[1]))
-        self.switch_rate += (float(changed) - self.switch_rate) / 16  # ~16-step memory
-        self.last = row
+        local = self._local
+        changed = local.last is None or not (torch.equal(row[0], local.last[0]) and torch.equal(row[1], local.last[1]))
+        local.switch_rate += (float(changed) - local.switch_rate) / 16  # ~16-step memory
+        local.last = row
 
     def _merged_is(self, row) -> bool:
-        return (self.merged is not None and torch.equal(self.merged.idx, row[0])
-                and torch.equal(self.merged.g, row[1]))
+        merged = self._local.merged
+        return merged is not None and torch.equal(merged.idx, row[0]) and torch.equal(merged.g, row[1])
 
     def _merged_group(self, weights, As, Bs, scales) -> MergedGroup:
+        local = self._local
         sources = tuple((id(t), t._version, t.data_ptr()) for t in (*weights, *As, *Bs))
-        if self.merged is None or sources != self._sources:
+        if local.merged is None or sources != local.sources:
             copies = [w.detach().clone() for w in weights]
-            self.merged = MergedGroup(copies, [a.detach() for a in As], [b.detach() for b in Bs], scales,
-                                      pristine=[w.detach() for w in weights])
-            self._sources = sources
-        return self.merged
+            local.merged = MergedGroup(copies, [a.detach() for a in As], [b.detach() for b in Bs], scales,
+                                       pristine=[w.detach() for w in weights])
+            local.sources = sources
+        return local.merged

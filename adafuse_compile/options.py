@@ -20,9 +20,19 @@ class AdafuseOptions:
     Attributes:
         inner: compiler for the graph after the adafuse passes: ``"inductor"`` (default),
             ``"eager"`` (run the rewritten FX graph as is; cheap, for tests) or ``"aot_eager"``.
-        strict: if a pass raises, raise instead of warning and compiling the unrewritten graph.
-        fold: fold static LoRA sites (one adapter, no router) into their base weight
-            (:class:`adafuse_compile.passes.FoldStaticLoRAPass`); refolded when weights change.
+        strict: if a pass (or anything else of adafuse's) raises, raise instead of warning and
+            compiling the unrewritten graph.
+        freeze: the weights are constants (Inductor's freezing contract): values computed from
+            them (folded static LoRA, stacked per-expert lists, stacked routers, merged copies)
+            are computed once and cached, refreshed when a parameter is replaced or updated
+            through autograd-visible ops (``copy_``, ``load_state_dict``: new version), but NOT
+            after writes through ``.data`` (``p.data.copy_``, PEFT's ``hotswap_adapter``): call
+            :func:`adafuse_compile.refresh` after those. Default ``False``: the rewritten graph
+            reads every weight at every call, as plain ``torch.compile`` does, so no update is
+            ever missed; folding and merging need ``freeze=True``.
+        fold: with ``freeze=True``, fold static LoRA sites (one adapter, no router) into their
+            base weight (:class:`adafuse_compile.passes.FoldStaticLoRAPass`); without it they
+            are fused like any other site.
         fuse: rewrite each verified MoLE site into one ``adafuse::lora_moe_linear`` call
             (:class:`adafuse_compile.passes.FuseMoLEPass`).
         lowering: what a fused site becomes: ``"op"`` (the custom op: C++ kernel on CPU, Triton
@@ -31,9 +41,10 @@ class AdafuseOptions:
             otherwise. Medium model, batch-1 decode (benchmarks/bench_decode.py): equal within
             noise (MoLA style 1.18 vs 1.19x the backbone; stacked 1.10 vs 1.10), but one earlier
             run had the op at 1.16x where Inductor's own code for the same site was 1.08x.
-        hoist: routers of sites that read the same tensor (q/k/v; gate/up) run as one matmul on
-            concatenated weights (:class:`adafuse_compile.passes.HoistRoutersPass`); the
-            routing decisions stay bitwise those of eager.
+        hoist: routers of sites that read the same tensor (q/k/v; gate/up) run as one batched
+            matmul on stacked weights (:class:`adafuse_compile.passes.HoistRoutersPass`), in
+            graphs with a static token count only, where the batched matmul was checked to give
+            bitwise the separate linears' logits at that count.
         strategy: for sites grouped under one decision per token (pre-gated models):
             ``"fused"`` (default) runs the fused unmerged op at each site; ``"merge"`` merges the
             chosen experts of the whole group into copies of the weights whenever one decision
@@ -44,6 +55,7 @@ class AdafuseOptions:
             batch-1 decode, 1.09x the backbone under ``"auto"`` vs 1.03x fused, and even with a
             decision that never changes merged steps are 1.08x fused at T=1; merging wins for
             long steps under one decision (T=256: 0.83x fused, break-even near T=32).
+            ``"merge"`` and ``"auto"`` cache merged weights, so they need ``freeze=True``.
         pregate: ``"exact"`` (default) only rewrites what is provably equal; ``"approximate"``
             fits one token-level gate to every router of a per-layer-routed model (changes the
             model; reports routing agreement and output deviation).
@@ -51,6 +63,7 @@ class AdafuseOptions:
 
     inner: str = "inductor"
     strict: bool = False
+    freeze: bool = False
     fold: bool = True
     fuse: bool = True
     lowering: str = "auto"
@@ -65,6 +78,10 @@ class AdafuseOptions:
             raise ValueError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"option 'strategy' must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy != "fused" and not self.freeze:
+            raise ValueError(f"strategy={self.strategy!r} merges experts into cached copies of the weights, which "
+                             "would miss writes through .data; pass freeze=True as well (and call "
+                             "adafuse_compile.refresh() after such writes)")
         if self.pregate not in PREGATES:
             raise ValueError(f"option 'pregate' must be one of {PREGATES}, got {self.pregate!r}")
 

@@ -26,6 +26,14 @@ def _chosen_A(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return A[idx]
 
 
+def lora_moe_delta_ref(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
+                       g: torch.Tensor) -> torch.Tensor:
+    """``sum_k g[:, k] * (x A[idx[:, k]]^T) B[idx[:, k]]^T``: the adapter term with scale 1."""
+    h = torch.einsum("ti,tkri->tkr", x, _chosen_A(A, idx))  # [T, k, r]
+    h = h * g.to(x.dtype).unsqueeze(-1)
+    return torch.einsum("tkr,tkor->to", h, B[idx])  # [T, out]
+
+
 def lora_moe_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -40,10 +48,7 @@ def lora_moe_linear_ref(
     y = x @ weight.T
     if bias is not None:
         y = y + bias
-    h = torch.einsum("ti,tkri->tkr", x, _chosen_A(A, idx))  # [T, k, r]
-    h = h * g.to(x.dtype).unsqueeze(-1)
-    delta = torch.einsum("tkr,tkor->to", h, B[idx])  # [T, out]
-    return y + scale * delta
+    return y + scale * lora_moe_delta_ref(x, A, B, idx, g)
 
 
 def merged_delta_ref(

@@ -10,32 +10,26 @@ form ``out = lora_moe_linear_ref(x, W, b, A, B, idx, g, scale)`` (definition in
   identical to eager (same ops, same dtypes), including near-ties;
 - the *experts* ``A [E or 1, r, in]``, ``B [E, out, r]`` come from the site's parameters: one
   stacked tensor each, or one matrix per expert (ordered by module name), or a shared A;
-- the *scale* is fitted by least squares on a probe.
+- the *scale* is a constant of the code (``alpha / r``), fitted by least squares on a probe.
 
-Each combination is accepted only if the canonical form reproduces the site's output on fresh
-random probes in float64 (relative error below ``_TOLERANCE``); otherwise the site is left
-unchanged and the reason says what did not match.
+Each combination is accepted only if it is *proved* (:mod:`.verify`): the adapter is linear in
+``x`` once the decision is fixed, and the canonical form equals the site on random draws of every
+parameter, input and decision. Otherwise the site is left unchanged and the reason says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_arg
 
-from ..kernels.reference import lora_moe_linear_ref
-from ..testing import tolerance
 from .sites import Site, ancestors
+from .verify import DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
 
 __all__ = ["Canonical", "canonicalize"]
-
-# The site's own routing may run in float32 (routers cast to float32 inside float64 probes), so
-# agreement is judged at float32 level; a wrong expert order, layout or scale is off by O(1).
-_TOLERANCE = 1e-4
-_PROBE_TOKENS = 8
 
 
 @dataclasses.dataclass
@@ -55,60 +49,6 @@ class Canonical:
     gate: str  # see _gate_variant: softmax_topk, topk_softmax, top_p, topk, dense or static
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DOWNCAST_METHODS = ("float", "half", "bfloat16")
-
-
-def _promote(value, dtype):
-    """``value`` (args or kwargs) with every floating dtype replaced by ``dtype``."""
-    if isinstance(value, torch.dtype):
-        return dtype if value in _FLOAT_DTYPES else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_promote(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _promote(v, dtype) for k, v in value.items()}
-    return value
-
-
-def _as_probe_value(v, dtype):
-    if not isinstance(v, torch.Tensor):
-        return v  # a size
-    v = v.detach()
-    return v.to(dtype) if dtype is not None and v.is_floating_point() else v
-
-
-class _Evaluator:
-    """Runs a site's nodes on probe values (float64 copies of the parameters)."""
-
-    def __init__(self, gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor], dtype=None):
-        self.gm, self.site, self.dtype = gm, site, dtype
-        # Only what the site reads: converting every parameter of the graph (embeddings, lm_head)
-        # for each site took 70% of a small model's compile (24 of 35 s).
-        read = {m for n in site.nodes for m in n.all_input_nodes}
-        self.params = {n: _as_probe_value(v, dtype) for n, v in params.items() if n in read}
-
-    def run(self, x: torch.Tensor, externals: dict | None = None) -> dict[fx.Node, object]:
-        env: dict[fx.Node, object] = {self.site.x: x, **self.params, **(externals or {})}
-        for node in self.site.nodes:
-            args = map_arg(node.args, env.__getitem__)
-            kwargs = map_arg(node.kwargs, env.__getitem__)
-            target = node.target
-            if self.dtype is not None:  # replay the math, not the roundings: casts go to dtype
-                args, kwargs = _promote(args, self.dtype), _promote(kwargs, self.dtype)
-                if node.op == "call_method" and target in _DOWNCAST_METHODS:
-                    target = "to"
-                    args = (args[0], self.dtype)
-            if node.op == "call_function":
-                env[node] = target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], target)(*args[1:], **kwargs)
-            elif node.op == "call_module":
-                env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
-            else:
-                raise NotImplementedError(f"cannot probe {node.op} node {node.name}")
-        return env
-
-
 def node_value_meta(node: fx.Node):
     """The example tensor (Dynamo, AOT) or TensorMetadata (ShapeProp) recorded on ``node``."""
     for key in ("example_value", "val", "tensor_meta"):
@@ -125,11 +65,6 @@ def _shape(node: fx.Node):
 
 def _natural_key(node: fx.Node):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(node.target))]
-
-
-def _probe(x_shape, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(x_shape, generator=gen, dtype=torch.float64)
 
 
 def _decision_candidates(site: Site, values: dict):
@@ -276,10 +211,11 @@ def _concrete(shape):
 
 def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor],
                  sizes: dict[fx.Node, int] | None = None) -> tuple[Canonical | None, str]:
-    """A verified canonical form of ``site``, or ``(None, reason)``.
+    """A proved canonical form of ``site``, or ``(None, reason)``.
 
-    ``sizes`` binds symbolic-size placeholders (dynamic shapes) to this example's sizes: the
-    probes then have this example's shape, and the rewrite itself is shape-agnostic.
+    ``sizes`` binds symbolic-size placeholders (dynamic shapes) to this example's sizes; the
+    proof then also covers other token counts the graph can serve. Only the *shapes* of
+    ``params`` are read, never their values.
     """
     x_shape = _shape(site.x)
     if x_shape is None or _shape(site.out) is None:
@@ -287,78 +223,154 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
     x_shape = _concrete(x_shape)
     if x_shape is None:
         return None, "the input's shape has a data-dependent size with no example value"
-    W = params[site.weight]
-    out_f, in_f = W.shape
+    integral = [p.name for p in site.params if not params[p].is_floating_point()]
+    if integral:
+        return None, (f"an adapter term reads the integer tensor(s) {', '.join(integral)}: a table whose "
+                      "values would be baked into the rewrite")
+    out_f, in_f = params[site.weight].shape
+    shapes = _token_shapes(site, sizes or {}, x_shape)
     if site.externals:
-        return _canonicalize_external(gm, site, {**params, **(sizes or {})}, x_shape, in_f, out_f)
-    runs, ev, tolerance, why = _probe_runs(gm, site, {**params, **(sizes or {})}, x_shape)
-    if runs is None:
-        return None, why
-    decisions = _decision_candidates(site, runs[0])
-    routing = set().union(*(ancestors(source) for *_, source in decisions))
-    decisions.append((None, None, 1, "static", None))  # one adapter, no router (PEFT's LoRA)
+        decisions = _external_decisions(site)
+    else:
+        try:  # one replay on random values, for the shapes and dtypes of what the site computes
+            gen = torch.Generator().manual_seed(0)
+            read = {m for n in site.nodes for m in n.all_input_nodes}
+            env = {**draw_parameters(params, read, gen), **shapes[0][1],
+                   site.x: torch.randn(x_shape, generator=gen, dtype=torch.float64)}
+            with torch.random.fork_rng(devices=[]):
+                decisions = _decision_candidates(site, replay(gm, site, env))
+        except Exception as e:  # model code: anything can raise
+            return None, f"could not replay the site in float64 ({type(e).__name__}: {e})"
+    routing = set().union(*(ancestors(source) for *_, source in decisions if source is not None))
+    if not site.externals:
+        decisions.append((None, None, 1, "static", None))  # one adapter, no router (PEFT's LoRA)
     experts = _expert_candidates(site, params, in_f, out_f, routing)
     if not experts:
         return None, "no expert parameters of LoRA shape ([E, r, in] / [E, out, r] or per-expert [r, in] / [out, r])"
-    b = ev.params[site.bias].double() if site.bias is not None else None
-    for A, A_layout, B, B_layout, E, r in experts:
-        for idx, g, k, gate, source in decisions:
-            if (gate == "dense" and k != E) or (gate == "static" and E != 1):
+    reasons = []
+    for idx, g, k, gate, source in decisions:
+        fixed = {n for n in (idx, g) if n is not None}
+        violation = linearity_violation(gm, site, fixed)
+        if violation is not None:
+            reasons.append(violation)
+            continue
+        for E in sorted({c[4] for c in experts}):
+            if (gate == "static" and E != 1) or (idx is None and gate != "static" and k != E) or k > E:
                 continue
-            verdict = _fit_and_verify(ev.params, site, runs, ev.params[site.weight].double(), b,
-                                      (A, A_layout, B, B_layout), idx, g, E, tolerance)
-            if verdict is not None:
-                variant = _gate_variant(gate, source, g)
-                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, verdict, variant), "verified"
-    if len(decisions) == 1:
+            probes = draw_probes(gm, site, params, shapes, _decision_override(site, idx, g, E))
+            if isinstance(probes, str):
+                reasons.append(probes)
+                continue
+            for A, A_layout, B, B_layout, E_c, r in experts:
+                if E_c != E:
+                    continue
+                scale = identity_holds(probes, _canonical_fn(site, (A, A_layout, B, B_layout), idx, g, E, in_f))
+                if scale is not None:
+                    variant = _gate_variant(gate, source, g) if not site.externals else gate
+                    return (Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, scale, variant),
+                            _proof(len(probes), [s for s, _ in shapes], E, gate))
+    if reasons and len(set(reasons)) == 1:
+        return None, reasons[0]
+    if reasons:
+        return None, "; ".join(dict.fromkeys(reasons))
+    if len(decisions) == 1 and not site.externals:
         return None, "no routing decision found (a top-k, or a softmax over the experts), and not a static LoRA"
-    return None, (f"no canonical form reproduced the site on probes ({len(experts)} expert layouts x "
-                  f"{len(decisions)} routing decisions tried)")
+    if site.externals:
+        names = ", ".join(e.name for e in site.externals)
+        return None, (f"the adapter reads {names}, computed elsewhere, but no canonical form with it as the "
+                      f"decision equals the site for random weights, inputs and decisions ({len(experts)} expert "
+                      "layouts tried)")
+    return None, (f"no canonical form equals the site for random weights, inputs and decisions ({len(experts)} "
+                  f"expert layouts x {len(decisions)} routing decisions tried)")
 
 
-def _canonicalize_external(gm, site, params, x_shape, in_f: int, out_f: int):
-    """A site whose decision is made elsewhere (pre-gating): probed with random decisions.
+def _proof(probes: int, shapes: list[tuple], E: int, gate: str) -> str:
+    tokens = ", ".join(str(math.prod(s[:-1])) for s in shapes)
+    drawn = "every expert drawn" if gate not in ("static", "dense", "pre-gated dense") else "every expert weighted"
+    return f"proved: linear for a fixed decision; equal on {probes} random draws at T={tokens}; {drawn}"
 
-    The decision tensors are leaves of the site, so the probes feed them random experts and
-    weights: a form that matches proves the site equals the fused op for *any* decision, which
-    is what lets one decision drive a group of sites (and lets it be merged).
-    """
+
+def _token_shapes(site: Site, sizes: dict[fx.Node, int], x_shape: tuple) -> list[tuple[tuple, dict]]:
+    """``(x shape, size bindings)`` to probe at: this example's, and in a graph whose token count is
+    symbolic, two more it can serve (Dynamo specializes sizes 0 and 1, so symbolic ones are >= 2)."""
+    out = [(x_shape, dict(sizes))]
+    val = node_value_meta(site.x)
+    by_expr = {v.node.expr: n for n in sizes for v in (n.meta.get("example_value"),)
+               if isinstance(v, torch.SymInt)}
+    for dim, d in enumerate(val.shape[:-1] if val is not None else ()):
+        node = by_expr.get(d.node.expr) if isinstance(d, torch.SymInt) else None
+        if node is None:
+            continue
+        for t in sorted({2, x_shape[dim] + 3} - {x_shape[dim]}):
+            shape = (*x_shape[:dim], t, *x_shape[dim + 1:])
+            out.append((shape, {**sizes, node: t}))
+        break  # one symbolic token dimension varied: the others keep this example's sizes
+    return out
+
+
+def _decision_override(site: Site, idx, g, E: int):
+    """For :func:`~.verify.draw_probes`: per token count, ``(seed, override, covered)``: random
+    decisions (experts distinct per row) put in place of the site's own (``override``, as a node
+    is computed) or of a decision read from elsewhere (``seed``, before the replay), and whether
+    every expert was drawn yet."""
+
+    def make(gen):
+        draws, seen = DecisionDraws(E, gen), set()
+
+        def draw(node, value):
+            if node is idx:
+                value = draws.indices(tuple(value.shape), value.dtype)
+                seen.update(value.reshape(-1).tolist())
+            elif node is g:
+                value = draws.weights(tuple(value.shape))
+            return value
+
+        def seed(env):
+            for node in site.externals:
+                shape = _external_shape(node, tuple(env[site.x].shape))
+                env[node] = draw(node, torch.empty(shape, dtype=_dtype_of(node) or torch.int64))
+
+        return seed, (None if site.externals else draw), lambda: idx is None or len(seen) >= E
+
+    return make
+
+
+def _external_shape(node: fx.Node, x_shape: tuple) -> tuple:
+    """The shape of a decision ``[..., k]`` read from elsewhere, for an input of ``x_shape``."""
+    shape = _concrete(_shape(node))
+    k = shape[-1]
+    if len(shape) == len(x_shape):
+        return (*x_shape[:-1], k)
+    return (math.prod(x_shape[:-1]), k)
+
+
+def _external_decisions(site: Site):
     idx = next((e for e in site.externals if not _is_float(e)), None)
     g = next(e for e in site.externals if _is_float(e))
-    g_shape = _concrete(_shape(g))
-    if g_shape is None:
-        return None, "the decision's shape has a data-dependent size with no example value"
-    k = g_shape[-1]
-    experts = _expert_candidates(site, {n: v for n, v in params.items() if isinstance(v, torch.Tensor)},
-                                 in_f, out_f, set())
-    if not experts:
-        return None, "no expert parameters of LoRA shape ([E, r, in] / [E, out, r] or per-expert [r, in] / [out, r])"
-    for E in sorted({c[4] for c in experts}):
-        if (idx is None and k != E) or k > E:
-            continue
+    k = _concrete(_shape(g))[-1]
+    return [(idx, g, k, "pre-gated" if idx is not None else "pre-gated dense", None)]
 
-        def decision(seed, E=E):
-            gen = torch.Generator().manual_seed(1000 + seed)
-            values = {g: torch.rand(g_shape, generator=gen, dtype=torch.float64) + 0.1}
-            if idx is not None:
-                values[idx] = torch.randint(0, E, g_shape, generator=gen).to(_dtype_of(idx) or torch.int64)
-            return values
 
-        runs, ev, tolerance, why = _probe_runs(gm, site, params, x_shape, decision)
-        if runs is None:
-            return None, why
-        b = ev.params[site.bias].double() if site.bias is not None else None
-        for A, A_layout, B, B_layout, E_c, r in experts:
-            if E_c != E:
-                continue
-            scale = _fit_and_verify(ev.params, site, runs, ev.params[site.weight].double(), b,
-                                    (A, A_layout, B, B_layout), idx, g, E, tolerance)
-            if scale is not None:
-                gate = "pre-gated" if idx is not None else "pre-gated dense"
-                return Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, scale, gate), "verified"
-    names = ", ".join(e.name for e in site.externals)
-    return None, (f"the adapter reads {names}, computed elsewhere, but no canonical form with it as the "
-                  f"decision reproduced the site on probes with random decisions ({len(experts)} expert layouts tried)")
+def _canonical_fn(site: Site, experts, idx_node, g_node, E: int, in_f: int):
+    """The canonical adapter (scale 1) of one probe, in float64."""
+    A, A_layout, B, B_layout = experts
+
+    def canonical(probe):
+        A_t, B_t = stack_experts(A, A_layout, B, B_layout, probe.values)
+        x = probe.x.reshape(-1, in_f)
+        if g_node is None:
+            g = torch.ones(x.shape[0], 1, dtype=torch.float64)
+        else:
+            g = probe.values[g_node].reshape(-1, probe.values[g_node].shape[-1])
+        if B_t.shape[0] != E or g.shape[0] != x.shape[0]:
+            return torch.full((0,), float("nan"))
+        idx = torch.arange(E).expand(g.shape[0], E) if idx_node is None else \
+            probe.values[idx_node].reshape(-1, g.shape[-1])
+        if g_node is None:
+            idx = torch.zeros_like(g, dtype=torch.int64)
+        return canonical_delta(x, A_t, B_t, idx, g)
+
+    return canonical
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -366,58 +378,6 @@ def _is_float(node: fx.Node) -> bool:
     return val is not None and val.dtype.is_floating_point
 
 
-def _probe_runs(gm, site, params, x_shape, externals=None):
-    """Three probe runs of the site: ``(runs, evaluator, tolerance, reason)``.
-
-    Float64 first, with the graph's casts (``.to(bfloat16)``, ``.float()``, ``dtype=``) redirected
-    to float64 so the replay computes the site's math without its roundings. If that replay
-    fails, the probes run in the model's own dtypes, judged at that dtype's tolerance.
-    """
-    errors = []
-    for dtype in (torch.float64, None):
-        ev = _Evaluator(gm, site, params, dtype)
-        x_dtype = dtype or _dtype_of(site.x) or torch.float32
-        try:
-            runs = [ev.run(_probe(x_shape, seed).to(x_dtype), externals and externals(seed)) for seed in (0, 1, 2)]
-        except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            continue
-        return runs, ev, _TOLERANCE if dtype is not None else 50 * tolerance(x_dtype), None
-    return None, None, None, f"could not probe the site ({errors[-1]})"
-
-
 def _dtype_of(node: fx.Node):
     val = node_value_meta(node)
     return getattr(val, "dtype", None)
-
-
-def _fit_and_verify(pvals, site, runs, W, b, experts, idx_node, g_node, E, tol) -> float | None:
-    """The scale if the canonical form matches every run (fitted on the first), else None."""
-    A_t, B_t = (t.double() for t in stack_experts(*experts, pvals))
-    if B_t.shape[0] != E:
-        return None
-    scale = None
-    for vals in runs:
-        x = vals[site.x].double().reshape(-1, W.shape[1])
-        if g_node is None:  # static LoRA: the one adapter, weight 1, for every token
-            g = torch.ones(x.shape[0], 1, dtype=torch.float64)
-        else:
-            g = vals[g_node].reshape(-1, vals[g_node].shape[-1]).double()
-        if idx_node is None:
-            idx = torch.arange(E).expand(g.shape[0], E)
-        else:
-            idx = vals[idx_node].reshape(-1, g.shape[-1]).long()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= E):
-            return None
-        y = vals[site.out].reshape(-1, W.shape[0]).double()
-        base = x @ W.T if b is None else x @ W.T + b
-        unit = lora_moe_linear_ref(x, W, b, A_t, B_t, idx, g, 1.0) - base
-        if scale is None:  # least squares for s in y - base = s * unit
-            denom = (unit * unit).sum()
-            if denom == 0:
-                return None
-            scale = float(((y - base) * unit).sum() / denom)
-        err = (y - base - scale * unit).abs().max()
-        if not err <= tol * max(1.0, y.abs().max().item()):
-            return None
-    return scale

@@ -9,10 +9,10 @@ After::
     out = linear(x, W_folded, b)        # W_folded = W + s * B @ A, a new graph input
 
 ``W_folded`` is not baked into the graph: it is a derived input (:mod:`.derived`) that the
-backend computes from the live ``W``, ``A`` and ``B`` before each call, cached by their identity
-and version counter. Loading new adapter weights (``copy_``, ``load_state_dict``) bumps the
-version, so the next call refolds: never stale weights, and no cost per call otherwise (one
-version check per tensor).
+backend computes from the live ``W``, ``A`` and ``B`` before each call, cached by their identity,
+version counter and storage. Loading new adapter weights (``copy_``, ``load_state_dict``) bumps
+the version, so the next call refolds; a write through ``.data`` changes none of these, which is
+why the backend runs this pass only with ``freeze=True`` (then :func:`adafuse_compile.refresh`).
 
 Needs the graph's parameters as inputs (Dynamo graphs); on a ``symbolic_trace`` graph, whose
 parameters are attributes, the site is left to :class:`FuseMoLEPass`.
@@ -52,7 +52,12 @@ class FoldedWeights(DerivedInput):
         A_keys, B_keys = list(range(self.n_A)), list(range(self.n_A, len(AB)))
         A, B = stack_experts(A_keys if self.A_layout == "list" else A_keys[0], self.A_layout,
                              B_keys if self.B_layout == "list" else B_keys[0], self.B_layout, values)
-        return torch.addmm(W, B[0], A[0], alpha=self.scale)  # W + s * B_0 @ A_0
+        if A.dtype == W.dtype and B.dtype == W.dtype:
+            return torch.addmm(W, B[0], A[0], alpha=self.scale)  # W + s * B_0 @ A_0
+        # Adapters in another dtype (PEFT keeps float32 adapters on a bf16 base): the sum in
+        # float32, rounded once to the weight's dtype.
+        wide = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+        return torch.addmm(W.to(wide), B[0].to(wide), A[0].to(wide), alpha=self.scale).to(W.dtype)
 
 
 class FoldStaticLoRAPass(GraphPass):

@@ -13,10 +13,13 @@ After::
     w, i = topk(softmax(linear(x, R)), k); w = w / w.sum(-1)   # the model's own routing, kept
     y  = lora_moe_linear(x, W, b, stack(A), stack(B), i, w, s)
 
-Only sites whose canonical form was verified on probes are rewritten
-(:mod:`.canonical`); every other site is left exactly as it was, with the reason in the report.
-Per-expert parameter lists are stacked once into derived inputs (:mod:`.derived`), not on every
-call. ``lowering="decomposed"`` emits the gathered form in plain torch ops instead of the op.
+Only sites whose canonical form is proved (:mod:`.canonical`, :mod:`.verify`) are rewritten;
+every other site is left exactly as it was, with the reason in the report. The rewritten site
+reads the model's parameters at every call, so weight updates of any kind are seen; per-expert
+parameter lists are stacked in the graph, or, with ``freeze=True`` (the user promises the
+weights do not change behind the compiler's back), once into cached derived inputs
+(:mod:`.derived`). ``lowering="decomposed"`` emits the gathered form in plain torch ops instead
+of the op.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import lora_moe_linear
-from ..kernels.reference import lora_moe_linear_ref
+from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
 from .canonical import Canonical, canonical_A, canonical_B, canonicalize, node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
@@ -46,7 +49,7 @@ class SiteReport:
     """What happened to one site (the rows of :func:`adafuse_compile.explain`)."""
 
     path: str
-    status: str  # "fused", "merged", "folded" or "left"
+    status: str  # "fused", "folded" or "left"
     reason: str
     experts: int | None = None
     k: int | None = None
@@ -66,8 +69,16 @@ def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dt
     ``lowering="decomposed"`` computes the same thing in plain torch ops (the gathered form of
     :func:`~adafuse_compile.kernels.reference.lora_moe_linear_ref`) for Inductor to fuse.
     """
-    kernel = lora_moe_linear_ref if lowering == "decomposed" else lora_moe_linear
     x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
+    if A.dtype != x.dtype or B.dtype != x.dtype or weight.dtype != x.dtype:
+        # Adapters in another dtype than the base (PEFT keeps them in float32 on a bf16 model):
+        # eager's semantics, the base in its dtype and the adapter in the adapter's, summed in
+        # the promoted dtype.
+        base = torch.nn.functional.linear(x2, weight, bias)
+        delta = lora_moe_delta_ref(x2.to(A.dtype), A, B.to(A.dtype), idx, g)
+        y = base.to(out_dtype) + (scale * delta).to(out_dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    kernel = lora_moe_linear_ref if lowering == "decomposed" else lora_moe_linear
     y = kernel(x2, weight, bias, A, B, idx, g, scale)
     return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
@@ -154,10 +165,10 @@ class FuseMoLEPass(GraphPass):
 
     name = "fuse_mole"
 
-    def __init__(self, lowering: str = "op", strict: bool = False) -> None:
+    def __init__(self, lowering: str = "op", strict: bool = False, freeze: bool = False) -> None:
         if lowering not in ("op", "decomposed"):
             raise ValueError(f"lowering must be 'op' or 'decomposed', got {lowering!r}")
-        self.lowering, self.strict = lowering, strict
+        self.lowering, self.strict, self.freeze = lowering, strict, freeze
         self.reports: list[SiteReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs=None) -> None:
@@ -184,8 +195,9 @@ class FuseMoLEPass(GraphPass):
                 self.reports.append(SiteReport(site.name, "left", reason))
                 log.info("adafuse: left %s: %s", site.name, reason)
                 continue
-            self._stack_expert_lists(gm, canon, example_inputs)
-            report = SiteReport(site.name, "fused", "verified on probes; one fused op",
+            if self.freeze:
+                self._stack_expert_lists(gm, canon, example_inputs)
+            report = SiteReport(site.name, "fused", reason,
                                 canon.experts, canon.k, canon.rank, canon.gate, canon.scale)
             self._rewrite(gm, site, canon, self.lowering).meta[SITE_META] = report
             replaced.extend(site.nodes)
@@ -196,7 +208,8 @@ class FuseMoLEPass(GraphPass):
 
     @staticmethod
     def _stack_expert_lists(gm: fx.GraphModule, canon: Canonical, example_inputs) -> None:
-        """Per-expert matrices (``ModuleList``s) stacked once, as derived inputs, not per call.
+        """Per-expert matrices (``ModuleList``s) stacked once, as derived inputs, not per call
+        (``freeze=True`` only: a ``.data`` write to an expert would not be seen).
 
         Measured (medium model, MoLA-style, batch-1 decode under Inductor): stacking in the
         graph copies every expert of every site per step and cost as much as the eager-style

@@ -34,6 +34,7 @@ from ..merge_state import SwitchedGroup
 from .canonical import canonical_A, canonical_B, node_value_meta
 from .fuse_mole import SITE_META, _fused_site, site_operands
 from .manager import KEEPALIVE, GraphPass
+from .sites import parameter_values
 
 log = logging.getLogger("adafuse_compile")
 
@@ -88,7 +89,9 @@ class MergeSwitchPass(GraphPass):
             log.info("adafuse: group of %d sites on decision (%s, %s), strategy %s: %s", len(nodes), idx.name,
                      g.name, self.strategy, cost.describe())
             if self.strategy != "fused":
-                self._switch(gm, idx, g, nodes, SwitchedGroup(self.strategy, cost))
+                params = parameter_values(gm, example_inputs)
+                weights = [params.get(n.args[1], n.args[1]) for n in nodes]
+                self._switch(gm, idx, g, nodes, SwitchedGroup.shared(self.strategy, cost, weights))
 
     @staticmethod
     def _shape(nodes: list[fx.Node]) -> GroupShape:
@@ -99,7 +102,9 @@ class MergeSwitchPass(GraphPass):
 
     @staticmethod
     def _switch(gm: fx.GraphModule, idx: fx.Node, g: fx.Node, nodes: list[fx.Node], state: SwitchedGroup) -> None:
-        gid = register_group(state)
+        gid = getattr(state, "group_id", None)
+        if gid is None:
+            gid = state.group_id = register_group(state)
         gm.meta.setdefault(KEEPALIVE, []).append(state)
         sites = [n.args for n in nodes]  # (x, W, b, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering)
         with gm.graph.inserting_before(nodes[0]):
