@@ -56,7 +56,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("mole-inductor", "MoLE inductor", "mole", "inductor"),
     Config("mole-fused", "MoLE adafuse fused", "mole", "adafuse", {"strategy": "fused"}),
     # Per-layer routers: no decision is shared, so there is no group to merge; kept to show that.
-    Config("mole-merge", "MoLE adafuse merge", "mole", "adafuse", {"strategy": "merge"}, exact=False,
+    Config("mole-merge", "MoLE adafuse merge", "mole", "adafuse", {"strategy": "merge", "freeze": True}, exact=False,
            default=False),
     # The custom op instead of Inductor's own code for each site (lowering="auto" picks the
     # decomposed form on CPU; equal within noise on the medium model, README).
@@ -65,10 +65,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("pregated-eager", "pre-gated eager", "pregated", None),
     Config("pregated-inductor", "pre-gated inductor", "pregated", "inductor", default=False),
     Config("pregated-fused", "pre-gated adafuse fused", "pregated", "adafuse", {"strategy": "fused"}),
-    Config("pregated-merge", "pre-gated adafuse merge", "pregated", "adafuse", {"strategy": "merge"},
+    Config("pregated-merge", "pre-gated adafuse merge", "pregated", "adafuse", {"strategy": "merge", "freeze": True},
            exact=False),
     # The default strategy: the cost model's run-time guard picks fused or merged per step.
-    Config("pregated-auto", "pre-gated adafuse auto", "pregated", "adafuse", {"strategy": "auto"},
+    Config("pregated-auto", "pre-gated adafuse auto", "pregated", "adafuse", {"strategy": "auto", "freeze": True},
            exact=False, default=False),
 )
 

@@ -48,7 +48,7 @@ def main() -> None:
     decoders = {"eager": eager}
     for strategy in STRATEGIES:
         forward = torch.compile(model.forward, backend="adafuse", dynamic=False,
-                                options={"strategy": strategy, "inner": args.inner})
+                                options={"strategy": strategy, "inner": args.inner, "freeze": strategy != "fused"})
         decoders[strategy] = GreedyDecoder(model, forward, prompt, args.new)
         with SiteLog().capture() as sites:
             t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """Real ``peft`` LoRA models under adafuse: switching, disabling, merging and reloading adapters.
 
-A static LoRA is folded into a derived weight (``W + s B A``), so the danger is a stale fold:
-after ``set_adapter``, ``disable_adapter()`` or new weights, the next call must compute what
-eager computes. Each state is checked against eager and against the others (so a stale result
+A static LoRA is fused (by default) or, with ``freeze=True``, folded into a derived weight
+(``W + s B A``), so the danger is a stale fold: after ``set_adapter``, ``disable_adapter()`` or
+new weights, the next call must compute what eager computes. Each state is checked against eager and against the others (so a stale result
 could not pass by accident).
 """
 
@@ -38,11 +38,12 @@ def _logits(model):
         return model(IDS).logits
 
 
-def test_switching_and_disabling_adapters_never_uses_stale_weights():
+@pytest.mark.parametrize("freeze", [False, True])
+def test_switching_and_disabling_adapters_never_uses_stale_weights(freeze):
     model = _two_adapter_model()
     torch._dynamo.reset()
     counters.clear()
-    fast = torch.compile(model, backend="adafuse", options={"inner": "eager", "strict": True})
+    fast = torch.compile(model, backend="adafuse", options={"inner": "eager", "strict": True, "freeze": freeze})
     seen = {}
 
     def check(state):
@@ -68,14 +69,14 @@ def test_switching_and_disabling_adapters_never_uses_stale_weights():
     assert counters["stats"]["unique_graphs"] >= 3  # switching recompiled (guards), not reused a fold
 
 
-@pytest.mark.parametrize("state", ["one", "disabled", "both"])
+@pytest.mark.parametrize("state", ["one", "one frozen", "disabled", "both"])
 def test_explain_per_adapter_state(state):
-    """One active adapter folds; disabled leaves nothing to rewrite; two active adapters on one
-    linear are left with the reason (not a single static LoRA, no router)."""
+    """One active adapter is fused (folded with freeze=True); disabled leaves nothing to rewrite;
+    two active adapters on one linear are left with the reason (not a single static LoRA, no router)."""
     model = _two_adapter_model()
     with torch.no_grad():
-        if state == "one":
-            report = adafuse_compile.explain(model, IDS)
+        if state.startswith("one"):
+            report = adafuse_compile.explain(model, IDS, options={"freeze": state == "one frozen"})
         elif state == "disabled":
             with model.disable_adapter():
                 report = adafuse_compile.explain(model, IDS)
@@ -83,8 +84,9 @@ def test_explain_per_adapter_state(state):
             model.base_model.set_adapter(["first", "second"])
             report = adafuse_compile.explain(model, IDS)
     paths = [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-    if state == "one":
-        assert [(s.status, s.rank) for s in report.sites] == [("folded", 4)] * 3
+    if state.startswith("one"):
+        status = "folded" if state == "one frozen" else "fused"
+        assert [(s.status, s.rank, s.gate) for s in report.sites] == [(status, 4, "static")] * 3
     elif state == "disabled":
         assert report.sites == [] and report.graph_breaks == 0
     else:
@@ -108,7 +110,7 @@ def test_merge_and_unload_compiles_and_matches_the_unmerged_adapter():
 
 def test_adapter_weights_loaded_from_safetensors_after_compile_are_used(tmp_path):
     """PEFT saves safetensors; loading them copies into the live parameters (version bump), and
-    the next compiled call refolds."""
+    the next compiled call reads them (with freeze=True: refolds)."""
     from safetensors.torch import load_file
 
     source = _two_adapter_model()
@@ -122,7 +124,7 @@ def test_adapter_weights_loaded_from_safetensors_after_compile_are_used(tmp_path
     target = _two_adapter_model()
     torch._dynamo.reset()
     counters.clear()
-    fast = torch.compile(target, backend="adafuse", options={"inner": "eager", "strict": True})
+    fast = torch.compile(target, backend="adafuse", options={"inner": "eager", "strict": True, "freeze": True})
     before = _logits(fast)
     result = peft.set_peft_model_state_dict(target, load_file(path),
                                             adapter_name="first")

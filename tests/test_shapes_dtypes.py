@@ -6,7 +6,7 @@ import torch
 from adafuse_compile.backend import build_pass_manager, compile_rewritten, rewrite
 from adafuse_compile.models import add_lora_moe, tiny_llama
 from adafuse_compile.options import AdafuseOptions
-from adafuse_compile.passes.fuse_mole import _fused_site
+from adafuse_compile.passes.graph_ops import fused_site
 from adafuse_compile.testing import compile_and_capture, count_calls, tolerance
 
 
@@ -44,7 +44,7 @@ def test_low_precision_models_route_in_float32_and_stay_as_accurate_as_eager(dty
         eager = model(ids).logits.double()
         reference = _model().double()(ids).logits
     got = out.logits
-    assert got.dtype == dtype and count_calls(gm, _fused_site) == 7
+    assert got.dtype == dtype and count_calls(gm, fused_site) == 7
     topks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.topk]
     assert len(topks) == 7  # the routing stays in the rewritten graph, on float32 scores
     assert all(n.args[0].meta["example_value"].dtype == torch.float32 for n in topks)
@@ -69,7 +69,7 @@ def test_varying_batch_and_length_compile_twice_and_fuse_with_symbolic_shapes():
             torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert len(graphs) == 2
-    assert [count_calls(gm, _fused_site) for gm in graphs] == [7, 7]
+    assert [count_calls(gm, fused_site) for gm in graphs] == [7, 7]
     symbolic = [n for n in graphs[1].graph.nodes if n.op == "placeholder"
                 and isinstance(n.meta.get("example_value"), torch.SymInt)]
     assert len(symbolic) >= 2  # batch and sequence length
@@ -91,4 +91,4 @@ def test_dynamic_true_is_correct_and_every_site_is_fused_or_left_with_the_reason
     (sites,) = reports
     assert len(sites) == 7
     assert all(s.status == "fused" or (s.status == "left" and "scaling" in s.reason) for s in sites)
-    assert count_calls(graphs[0], _fused_site) == sum(s.status == "fused" for s in sites)
+    assert count_calls(graphs[0], fused_site) == sum(s.status == "fused" for s in sites)

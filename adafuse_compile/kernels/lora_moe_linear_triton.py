@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .lora_moe_linear import check_lora_moe_args
+from .checks import check_lora_moe_args
 
 __all__ = ["lora_moe_linear_triton"]
 

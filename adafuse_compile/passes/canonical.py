@@ -26,10 +26,11 @@ import re
 import torch
 import torch.fx as fx
 
+from .graph_ops import canonical_A, canonical_B
 from .sites import Site, ancestors
-from .verify import DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
+from .verify import ROUTING_LEAK, DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
 
-__all__ = ["Canonical", "canonicalize"]
+__all__ = ["Canonical", "canonicalize", "node_value_meta", "stack_experts"]
 
 
 @dataclasses.dataclass
@@ -174,22 +175,6 @@ def _expert_candidates(site: Site, params: dict[fx.Node, torch.Tensor], in_f: in
     return found
 
 
-def canonical_A(A, layout: str) -> torch.Tensor:
-    """``A [E or 1, r, in]`` from a site's tensor(s) in ``layout`` (see :class:`Canonical`)."""
-    if layout == "list":
-        return torch.stack(A)
-    if layout == "ri":
-        return A.unsqueeze(0)
-    return A.transpose(1, 2) if layout == "eir" else A
-
-
-def canonical_B(B, layout: str) -> torch.Tensor:
-    """``B [E, out, r]`` from a site's tensor(s) in ``layout``."""
-    if layout == "list":
-        return torch.stack(B)
-    return B.transpose(1, 2) if layout == "ero" else B
-
-
 def stack_experts(A, A_layout, B, B_layout, values):
     """Canonical ``A`` and ``B`` tensors for expert nodes (or node lists), from ``values``."""
     get = lambda n: [values[m] for m in n] if isinstance(n, list) else values[n]  # noqa: E731
@@ -269,10 +254,8 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
                     variant = _gate_variant(gate, source, g) if not site.externals else gate
                     return (Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, scale, variant),
                             _proof(len(probes), [s for s, _ in shapes], E, gate))
-    if reasons and len(set(reasons)) == 1:
-        return None, reasons[0]
-    if reasons:
-        return None, "; ".join(dict.fromkeys(reasons))
+    if reasons:  # the most specific decision's, unless it only blames the routing (a wrong candidate)
+        return None, sorted(reasons, key=lambda r: r.startswith(ROUTING_LEAK))[0]
     if len(decisions) == 1 and not site.externals:
         return None, "no routing decision found (a top-k, or a softmax over the experts), and not a static LoRA"
     if site.externals:
@@ -292,7 +275,11 @@ def _proof(probes: int, shapes: list[tuple], E: int, gate: str) -> str:
 
 def _token_shapes(site: Site, sizes: dict[fx.Node, int], x_shape: tuple) -> list[tuple[tuple, dict]]:
     """``(x shape, size bindings)`` to probe at: this example's, and in a graph whose token count is
-    symbolic, two more it can serve (Dynamo specializes sizes 0 and 1, so symbolic ones are >= 2)."""
+    symbolic, two more it can serve (Dynamo specializes sizes 0 and 1, so symbolic ones are >= 2).
+
+    Other size symbols with the same value in this example vary with it: they are the same size
+    seen through another tensor (a mask's batch, a cache's length) as far as the graph can tell.
+    """
     out = [(x_shape, dict(sizes))]
     val = node_value_meta(site.x)
     by_expr = {v.node.expr: n for n in sizes for v in (n.meta.get("example_value"),)
@@ -301,9 +288,11 @@ def _token_shapes(site: Site, sizes: dict[fx.Node, int], x_shape: tuple) -> list
         node = by_expr.get(d.node.expr) if isinstance(d, torch.SymInt) else None
         if node is None:
             continue
+        same = [n for n, v in sizes.items() if v == sizes[node]]
         for t in sorted({2, x_shape[dim] + 3} - {x_shape[dim]}):
-            shape = (*x_shape[:dim], t, *x_shape[dim + 1:])
-            out.append((shape, {**sizes, node: t}))
+            shape = tuple(t if s == x_shape[dim] and isinstance(e, torch.SymInt) and e.node.expr == d.node.expr
+                          else s for s, e in zip(x_shape, val.shape))
+            out.append((shape, {**sizes, **{n: t for n in same}}))
         break  # one symbolic token dimension varied: the others keep this example's sizes
     return out
 

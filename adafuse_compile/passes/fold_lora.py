@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .canonical import canonicalize, stack_experts
-from .fuse_mole import SiteReport, _remove_unused
+from .fuse_mole import SiteReport, remove_unused
 from .derived import DerivedInput, add_derived_input
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import find_sites, has_routing, needs_gradients, parameter_values, size_values
@@ -99,4 +99,4 @@ class FoldStaticLoRAPass(GraphPass):
                                            "(refolded when W, A or B change)", 1, 1, canon.rank, "static",
                                            canon.scale))
             log.info("adafuse: folded %s (r=%d)", site.name, canon.rank)
-        _remove_unused(gm, replaced)
+        remove_unused(gm, replaced)

@@ -30,16 +30,15 @@ import logging
 import torch
 import torch.fx as fx
 
-from ..kernels import lora_moe_linear
-from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
-from .canonical import Canonical, canonical_A, canonical_B, canonicalize, node_value_meta
+from .canonical import Canonical, canonicalize, node_value_meta
 from .derived import StackedTensors, add_derived_input
+from .graph_ops import fused_site
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import ancestors, find_sites, is_inplace, needs_gradients, parameter_values, size_values
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["FuseMoLEPass", "SITE_META", "SiteReport"]
+__all__ = ["FuseMoLEPass", "SITE_META", "SiteReport", "remove_unused"]
 
 SITE_META = "adafuse_site"  # node.meta key of a fused site's SiteReport (read by later passes)
 
@@ -56,43 +55,6 @@ class SiteReport:
     rank: int | None = None
     gate: str | None = None
     scale: float | None = None
-
-
-def _dense_idx(g: torch.Tensor) -> torch.Tensor:
-    """Every expert, for a dense gate ``g [..., E]``."""
-    return torch.arange(g.shape[-1], device=g.device).expand(g.shape)
-
-
-def _fused_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering="op"):
-    """The replacement, called from the graph: canonical layouts, then the fused op.
-
-    ``lowering="decomposed"`` computes the same thing in plain torch ops (the gathered form of
-    :func:`~adafuse_compile.kernels.reference.lora_moe_linear_ref`) for Inductor to fuse.
-    """
-    x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
-    if A.dtype != x.dtype or B.dtype != x.dtype or weight.dtype != x.dtype:
-        # Adapters in another dtype than the base (PEFT keeps them in float32 on a bf16 model):
-        # eager's semantics, the base in its dtype and the adapter in the adapter's, summed in
-        # the promoted dtype.
-        base = torch.nn.functional.linear(x2, weight, bias)
-        delta = lora_moe_delta_ref(x2.to(A.dtype), A, B.to(A.dtype), idx, g)
-        y = base.to(out_dtype) + (scale * delta).to(out_dtype)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    kernel = lora_moe_linear_ref if lowering == "decomposed" else lora_moe_linear
-    y = kernel(x2, weight, bias, A, B, idx, g, scale)
-    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
-
-
-def site_operands(x, A, B, idx, g, A_layout, B_layout):
-    """``(x [T, in], A, B, idx [T, k] int64, g [T, k])`` as the fused ops take them: canonical
-    expert layouts, tokens flattened, the dense or static decision made explicit."""
-    A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
-    x2 = x.reshape(-1, x.shape[-1])  # routing may run on flattened tokens (MixLoRA): the
-    if g is None:  # static LoRA          # verification compared in this flattened order
-        g = torch.ones(x2.shape[0], 1, dtype=x.dtype, device=x.device)
-    g = g.reshape(-1, g.shape[-1])
-    idx = _dense_idx(g) if idx is None else idx.reshape(-1, g.shape[-1])
-    return x2, A, B, idx.to(torch.int64), g
 
 
 def _alias_group(node: fx.Node) -> set[fx.Node]:
@@ -128,7 +90,7 @@ def _computed_only_from(node: fx.Node, replaced: set[fx.Node]) -> bool:
     return True
 
 
-def _remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+def remove_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     """Erase the replaced sites' nodes that nothing uses any more.
 
     Not ``Graph.eliminate_dead_code``: it treats ``call_method`` nodes as pure, so it would
@@ -204,7 +166,7 @@ class FuseMoLEPass(GraphPass):
             self.reports.append(report)
             log.info("adafuse: fused %s (E=%d, k=%d, r=%d, %s)", site.name, canon.experts, canon.k,
                      canon.rank, canon.gate)
-        _remove_unused(gm, replaced)
+        remove_unused(gm, replaced)
 
     @staticmethod
     def _stack_expert_lists(gm: fx.GraphModule, canon: Canonical, example_inputs) -> None:
@@ -233,10 +195,9 @@ class FuseMoLEPass(GraphPass):
         out_dtype = out_val.dtype if out_val is not None else None
         with gm.graph.inserting_before(site.out):
             fused = gm.graph.call_function(
-                _fused_site,
-                (site.x, site.weight, site.bias, canon.A, canon.B, canon.idx, canon.g, canon.scale,
-                 canon.A_layout, canon.B_layout, out_dtype, lowering),
-            )
+                fused_site, (site.x, site.weight, site.bias, canon.A, canon.B, canon.idx, canon.g),
+                dict(scale=canon.scale, A_layout=canon.A_layout, B_layout=canon.B_layout, out_dtype=out_dtype,
+                     lowering=lowering))
         fused.meta.update(site.out.meta)
         site.out.replace_all_uses_with(fused)
         return fused

@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from .canonical import _name, node_value_meta
 from .derived import StackedTensors, add_derived_input
+from .graph_ops import hoisted_logits, router_logits
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import is_linear, parameter_values
 
@@ -58,16 +59,6 @@ class HoistedGroup:
 
     routers: list[str]
     tokens: int
-
-
-def _hoisted_logits(inp: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``[S, T, E]``: every router's logits from one batched matmul."""
-    x2 = inp.reshape(-1, inp.shape[-1])
-    return torch.matmul(x2.unsqueeze(0).expand(stacked.shape[0], *x2.shape), stacked.transpose(1, 2))
-
-
-def _router_logits(logits: torch.Tensor, s: int, inp: torch.Tensor) -> torch.Tensor:
-    return logits[s].view(*inp.shape[:-1], logits.shape[-1])
 
 
 def _feeds_selection(node: fx.Node, depth: int = 6) -> bool:
@@ -103,7 +94,7 @@ def _bitwise_equal(weights: list[torch.Tensor], tokens: int) -> bool:
     stacked = torch.stack([torch.randn(w.shape, generator=gen).to(w.dtype) for w in weights]).to(weights[0].device)
     for t in (max(tokens, 1),):
         x = torch.randn(t, stacked.shape[-1], generator=gen).to(stacked.dtype).to(stacked.device)
-        batched = _hoisted_logits(x, stacked)
+        batched = hoisted_logits(x, stacked)
         if not all(torch.equal(torch.nn.functional.linear(x, w), batched[s]) for s, w in enumerate(stacked)):
             return False
     return True
@@ -185,10 +176,10 @@ class HoistRoutersPass(GraphPass):
     def _rewrite(gm: fx.GraphModule, routers: list[fx.Node], stacked: fx.Node) -> None:
         inp = routers[0].args[0]  # the others read the same values (same root, same casts)
         with gm.graph.inserting_before(routers[0]):
-            logits = gm.graph.call_function(_hoisted_logits, (inp, stacked))
+            logits = gm.graph.call_function(hoisted_logits, (inp, stacked))
         for s, router in enumerate(routers):
             with gm.graph.inserting_before(router):
-                one = gm.graph.call_function(_router_logits, (logits, s, inp))
+                one = gm.graph.call_function(router_logits, (logits,), dict(router=s, like=inp))
             one.meta.update(router.meta)
             router.replace_all_uses_with(one)
             read = router.args[:2]

@@ -4,19 +4,19 @@ Runs after :class:`~.fuse_mole.FuseMoLEPass`. Fused sites whose decision was mad
 shared pre-gate: their ``idx, g`` are the same graph nodes) form one group. Before::
 
     idx, g = pregate(embeds)
-    y_1 = _fused_site(x_1, W_1, ..., idx, g, s_1)
+    y_1 = fused_site(x_1, W_1, b_1, A_1, B_1, idx, g, scale=s_1, ...)
     ...
-    y_N = _fused_site(x_N, W_N, ..., idx, g, s_N)
+    y_N = fused_site(x_N, W_N, b_N, A_N, B_N, idx, g, scale=s_N, ...)
 
 After (``strategy`` ``"merge"`` or ``"auto"``)::
 
-    token = _group_decide(idx, g, [W_1..W_N], [A_1..A_N], [B_1..B_N], ..., group)
-    y_1 = _group_site(x_1, W_1, ..., idx, g, s_1, token, group, 0)
+    token = group_decision(idx, g, weights=[W_1..W_N], As=[A_1..A_N], Bs=[B_1..B_N], ..., group=gid)
+    y_1 = group_site(x_1, W_1, b_1, A_1, B_1, idx, g, scale=s_1, ..., token=token, group=gid, site=0)
     ...
 
-``_group_decide`` picks the step's mode at run time (merged needs one decision for every token
+``group_decision`` picks the step's mode at run time (merged needs one decision for every token
 of the step; ``"auto"`` also asks :mod:`adafuse_compile.cost_model`), and merges the whole group
-in one call; each ``_group_site`` is a plain linear on the merged copy or the fused op. With
+in one call; each ``group_site`` is a plain linear on the merged copy or the fused op. With
 ``strategy="fused"`` the graph is left as the fusion pass made it; the group is still reported.
 """
 
@@ -31,8 +31,9 @@ import torch.fx as fx
 from ..cost_model import CostModel, GroupShape
 from ..kernels.switched_linear import group_decide, group_site_linear, register_group
 from ..merge_state import SwitchedGroup
-from .canonical import canonical_A, canonical_B, node_value_meta
-from .fuse_mole import SITE_META, _fused_site, site_operands
+from .canonical import node_value_meta
+from .fuse_mole import SITE_META
+from .graph_ops import fused_site, group_decision, group_site, is_call
 from .manager import KEEPALIVE, GraphPass
 from .sites import parameter_values
 
@@ -51,19 +52,6 @@ class GroupReport:
     estimate: str
 
 
-def _group_decide(idx, g, weights, As, Bs, A_layouts, B_layouts, scales, group):
-    k = g.shape[-1]
-    As = [canonical_A(a, lay) for a, lay in zip(As, A_layouts)]
-    Bs = [canonical_B(b, lay) for b, lay in zip(Bs, B_layouts)]
-    return group_decide(idx.reshape(-1, k).to(torch.int64), g.reshape(-1, k), weights, As, Bs, scales, group)
-
-
-def _group_site(x, weight, bias, A, B, idx, g, scale, A_layout, B_layout, out_dtype, token, group, site):
-    x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
-    y = group_site_linear(x2, weight, bias, A, B, idx, g, scale, token, group, site)
-    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
-
-
 class MergeSwitchPass(GraphPass):
     """Group the fused sites of each shared decision; under ``merge``/``auto``, make them switchable."""
 
@@ -80,8 +68,8 @@ class MergeSwitchPass(GraphPass):
         groups: dict[tuple[fx.Node, fx.Node], list[fx.Node]] = {}
         for node in gm.graph.nodes:
             report = node.meta.get(SITE_META)
-            if node.op == "call_function" and node.target is _fused_site and report and report.gate == "pre-gated":
-                groups.setdefault((node.args[5], node.args[6]), []).append(node)
+            if is_call(node, fused_site) and report and report.gate == "pre-gated":
+                groups.setdefault((node.args[5], node.args[6]), []).append(node)  # (idx, g)
         for (idx, g), nodes in groups.items():
             cost = CostModel(self._shape(nodes))
             paths = [n.meta[SITE_META].path for n in nodes]
@@ -106,16 +94,16 @@ class MergeSwitchPass(GraphPass):
         if gid is None:
             gid = state.group_id = register_group(state)
         gm.meta.setdefault(KEEPALIVE, []).append(state)
-        sites = [n.args for n in nodes]  # (x, W, b, A, B, idx, g, scale, A_layout, B_layout, out_dtype, lowering)
+        kw = [n.kwargs for n in nodes]
         with gm.graph.inserting_before(nodes[0]):
-            token = gm.graph.call_function(_group_decide, (
-                idx, g, [a[1] for a in sites], [a[3] for a in sites], [a[4] for a in sites],
-                [a[8] for a in sites], [a[9] for a in sites], [a[7] for a in sites], gid))
+            token = gm.graph.call_function(group_decision, (idx, g), dict(
+                weights=[n.args[1] for n in nodes], As=[n.args[3] for n in nodes], Bs=[n.args[4] for n in nodes],
+                A_layouts=[k["A_layout"] for k in kw], B_layouts=[k["B_layout"] for k in kw],
+                scales=[k["scale"] for k in kw], group=gid))
         for i, node in enumerate(nodes):
-            x, W, b, A, B, idx_i, g_i, scale, A_layout, B_layout, out_dtype, _ = node.args
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "lowering"}
             with gm.graph.inserting_before(node):
-                site = gm.graph.call_function(_group_site, (x, W, b, A, B, idx_i, g_i, scale, A_layout, B_layout,
-                                                            out_dtype, token, gid, i))
+                site = gm.graph.call_function(group_site, node.args, dict(kwargs, token=token, group=gid, site=i))
             site.meta.update(node.meta)
             node.replace_all_uses_with(site)
             gm.graph.erase_node(node)

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_delta_ref
-from .sites import Site, is_inplace
+from .sites import Site, ancestors, is_inplace
 
-__all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "Probe", "draw_probes", "identity_holds", "linearity_violation",
+__all__ = ["MIN_PROBES", "ROUTING_LEAK", "RELATIVE_TOLERANCE", "Probe", "draw_probes", "identity_holds", "linearity_violation",
            "random_op"]
 
 # float64 replay of the site against float64 canonical math: both compute the same sums in other
@@ -60,6 +60,9 @@ __all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "Probe", "draw_probes", "identity
 # scale or term) is O(1) relative to the adapter.
 RELATIVE_TOLERANCE = 1e-9
 MIN_PROBES = 3
+# Prefix of a reason blaming the routing computation: the adapter reads a routing value other
+# than the decision tried (usually a sign that another candidate decision is the right one).
+ROUTING_LEAK = "an adapter term reads a routing value other than the decision"
 
 _LIN, _ZERO, _CONST, _NONLIN = "linear", "zero", "constant", "nonlinear:"
 
@@ -151,6 +154,8 @@ class _Classifier:
 
     def __init__(self, gm: fx.GraphModule | None, site: Site, decision: set[fx.Node]) -> None:
         self.gm, self.site, self.decision = gm, site, decision
+        # What the decision is computed from (router, softmax, top-k): nonlinear by nature.
+        self.routing = set().union(*(ancestors(d) for d in decision)) if decision else set()
         self.state: dict[fx.Node, str] = {site.x: _LIN}
 
     def of(self, v) -> str:
@@ -166,11 +171,16 @@ class _Classifier:
                 return f"the site runs the random op {rnd}"
             verdict = self.classify(node)
             if verdict not in (_LIN, _ZERO, _CONST) and not verdict.startswith(_NONLIN):
+                if node in self.routing:
+                    verdict = f"{ROUTING_LEAK}: {verdict}"
                 verdict = _NONLIN + verdict
             if is_inplace(node) or op_name(node) == "setitem":
                 # The write changes the target and every view it was taken through.
                 chain = _view_chain(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else []
-                if verdict.startswith(_NONLIN) and any(self.of(t) in (_LIN, _ZERO) for t in chain):
+                # A nonlinear write into (a view of) an input-dependent value: whatever else
+                # aliases it changed too. Into a zero tensor (a routing mask built with
+                # ``zeros_like(...).scatter_``) it only makes that tensor nonlinear.
+                if verdict.startswith(_NONLIN) and any(self.of(t) == _LIN for t in chain):
                     return verdict.removeprefix(_NONLIN)
                 for t in chain:
                     if self.of(t) == _CONST or verdict != _CONST:
@@ -251,7 +261,7 @@ class _Classifier:
         if name in _CONCATS:
             return _LIN if all(s in (_LIN, _ZERO) for s, v in zip(states, operands) if isinstance(v, fx.Node)) \
                 else f"{name} of input-dependent and constant values (affine)"
-        return name
+        return f"{name} of an input-dependent value (not linear in the input)"
 
     def _module(self, node: fx.Node) -> str:
         mod = self.gm.get_submodule(node.target) if self.gm is not None else None

@@ -78,6 +78,9 @@ class MoLESite(nn.Module):
             self.extra = nn.Linear(d_in, d_out, bias=False, dtype=dtype)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()  # as PEFT does
         randomize_(self, seed)
+        if spec.scale != "float":  # the scales start where users initialise them: scale_value, or ones
+            with torch.no_grad():
+                self.s.fill_(spec.scale_value if spec.scale == "param" else 1.0)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(idx, g)`` each ``[T, k]`` (``k = E`` for the dense gate); g is float32."""
@@ -157,6 +160,30 @@ def randomize_(module: nn.Module, seed: int, *, via_data: bool = False, scale: f
             fan_in = p.shape[-1]
             new = torch.randn(p.shape, generator=gen) * (scale / math.sqrt(fan_in))
         (p.data if via_data else p).copy_(new.to(p.dtype))
+
+
+@torch.no_grad()
+def degenerate_(model: MoLESite, init: str) -> None:
+    """Experts as early training or upcycling leaves them, where a permuted expert table is invisible:
+    ``"zeros"`` (B = 0), ``"tiny"`` (B ~ 1e-6), ``"identical"`` (every expert a copy of expert 0)."""
+    stacked = model.spec.layout == "stacked"
+    A = [model.lora_A] if stacked else [m.weight for m in model.lora_A]
+    B = [model.lora_B] if stacked else [m.weight for m in model.lora_B]
+    if init == "zeros":
+        for b in B:
+            b.zero_()
+    elif init == "tiny":
+        for b in B:
+            b.mul_(1e-6)
+    elif init == "identical":
+        for t in (A, B):
+            if stacked:
+                t[0].copy_(t[0][:1].expand_as(t[0]))
+            else:
+                for m in t[1:]:
+                    m.copy_(t[0])
+    else:
+        raise ValueError(f"unknown init {init!r}")
 
 
 def inputs(spec_or_dim, tokens: int, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:

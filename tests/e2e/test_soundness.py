@@ -9,6 +9,7 @@ fused or folded; the output must always be eager's.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import sys
@@ -22,6 +23,7 @@ from e2e_models import (  # noqa: F401  (fresh_dynamo: autouse fixture)
     StaticLoRA,
     assert_matches_eager,
     compile_eager_inner,
+    degenerate_,
     fresh_dynamo,
     inputs,
     randomize_,
@@ -84,30 +86,30 @@ UPDATES = {
 }
 
 TARGETS = {
-    # (model, input, names of the parameters the user updates)
-    "static LoRA A/B (folded)": (lambda: StaticLoRA(), 32, ("lora_A.weight", "lora_B.weight")),
-    "per-expert ModuleList A/B (stacked)": (lambda: MoLESite(SiteSpec(layout="list")), 32, ("lora_A.", "lora_B.")),
-    "routers on one input (hoisted)": (lambda: SharedInputSites(SiteSpec(d_in=64, experts=8)), 64, ("router.",)),
+    # (model, input features, what the names of the parameters the user updates contain)
+    "static LoRA A/B (folded)": (lambda: StaticLoRA(), 32, ("lora_A", "lora_B")),
+    "per-expert ModuleList A/B (stacked)": (lambda: MoLESite(SiteSpec(layout="list")), 32, ("lora_A", "lora_B")),
+    "routers on one input (hoisted)": (lambda: SharedInputSites(SiteSpec(d_in=64, experts=8)), 64, ("router",)),
 }
 
 
-def _updated(model: nn.Module, prefixes) -> list[tuple[str, nn.Parameter]]:
-    chosen = [(n, p) for n, p in model.named_parameters() if any(n.startswith(pre) or f".{pre}" in n for pre in prefixes)]
-    assert chosen, f"no parameter matches {prefixes}"
+def _updated(model: nn.Module, keys) -> list[tuple[str, nn.Parameter]]:
+    chosen = [(n, p) for n, p in model.named_parameters() if any(k in n for k in keys)]
+    assert chosen, f"no parameter name contains one of {keys}"
     return chosen
 
 
 @pytest.mark.parametrize("how", [*UPDATES, "load_state_dict"])
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_weights_updated_after_compiling_are_seen(target, how):
-    make, d_in, prefixes = TARGETS[target]
+    make, d_in, keys = TARGETS[target]
     model = make().eval()
     x = inputs(d_in, 4, seed=1)
     fast = compile_eager_inner(model)
     with torch.no_grad():
         before = model(x)
         _assert_outputs_match(fast(x), before, "before the update")
-        params = _updated(model, prefixes)
+        params = _updated(model, keys)
         if how == "load_state_dict":
             state = model.state_dict()
             state.update({n: _new_values(p, seed=i) for i, (n, p) in enumerate(params)})
@@ -159,33 +161,13 @@ def test_per_expert_scale_vector_changed_after_compiling(layout):
         assert_matches_eager(fast(x), model(x), msg="per-expert scales were dropped")
 
 
-def _degenerate_(model: MoLESite, init: str) -> None:
-    """Early-training or upcycled experts, where a permuted expert table is invisible."""
-    with torch.no_grad():
-        B = [model.lora_B] if model.spec.layout == "stacked" else [m.weight for m in model.lora_B]
-        A = [model.lora_A] if model.spec.layout == "stacked" else [m.weight for m in model.lora_A]
-        if init == "zeros":
-            for b in B:
-                b.zero_()
-        elif init == "tiny":
-            for b in B:
-                b.mul_(1e-6)
-        else:  # "identical": every expert a copy of expert 0 (upcycling)
-            for t in (A, B):
-                if len(t) == 1:
-                    t[0].copy_(t[0][:1].expand_as(t[0]))
-                else:
-                    for m in t[1:]:
-                        m.copy_(t[0])
-
-
 @pytest.mark.parametrize("init", ["zeros", "tiny", "identical"])
 @pytest.mark.parametrize("layout", ["stacked", "list"])
 def test_permuted_expert_table_after_experts_diverge(layout, init):
     """The code uses B of expert perm[e]; at compile time the experts cannot tell that apart."""
     spec = SiteSpec(layout=layout, perm=(1, 0, 3, 2))
     model = MoLESite(spec).eval()
-    _degenerate_(model, init)
+    degenerate_(model, init)
     x = inputs(spec, 4, seed=1)
     fast = compile_eager_inner(model)
     with torch.no_grad():
@@ -199,7 +181,7 @@ def test_tiny_adapter_with_wrong_structure_is_not_verified(layout):
     """An adapter term ~1e-6 of the output hides any structure; scaling it up must not expose a wrong fusion."""
     spec = SiteSpec(layout=layout, perm=(1, 0, 2, 3))
     model = MoLESite(spec).eval()
-    _degenerate_(model, "tiny")
+    degenerate_(model, "tiny")
     x = inputs(spec, 4, seed=1)
     fast = compile_eager_inner(model)
     with torch.no_grad():
@@ -237,6 +219,14 @@ def _pregated_llama():
     return add_pregated_lora_moe(tiny_llama("tiny"), seed=0).eval()
 
 
+def _merge_options() -> dict:
+    """strategy="merge", plus freeze=True where the backend makes merging opt-in through it."""
+    options = {"inner": "eager", "strategy": "merge"}
+    if "freeze" in {f.name for f in dataclasses.fields(adafuse_compile.AdafuseOptions)}:
+        options["freeze"] = True
+    return options
+
+
 def _tokens_with_different_decisions(model, n: int = 2) -> list[int]:
     """Token ids whose pre-gate decisions differ (so each thread merges a different decision)."""
     with torch.no_grad():
@@ -254,7 +244,7 @@ def test_merge_strategy_from_two_threads_equals_eager():
     """Each thread's batch has one decision (so it merges); the merged copies must not be shared mid-step."""
     model = _pregated_llama()
     batches = [torch.full((1, 4), t) for t in _tokens_with_different_decisions(model)]
-    fast = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge"})
+    fast = torch.compile(model, backend="adafuse", options=_merge_options())
     with torch.no_grad():
         expected = [model(ids).logits for ids in batches]
         for ids, ref in zip(batches, expected):  # compile once, single-threaded
@@ -294,7 +284,7 @@ def test_one_merged_copy_per_group_after_a_recompile():
     however many graphs Dynamo compiled for the model."""
     model = _pregated_llama()
     (tok,) = _tokens_with_different_decisions(model, 1)
-    fast = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge"})
+    fast = torch.compile(model, backend="adafuse", options=_merge_options())
     with torch.no_grad():
         for ids in [torch.full((1, 1), tok)] * 3 + [torch.full((2, 1), tok)] * 3:  # the batch change recompiles
             assert_matches_eager(fast(ids).logits, model(ids).logits)
@@ -380,6 +370,24 @@ def test_compiling_does_not_consume_the_global_rng(model_fn):
     with torch.no_grad():
         fast(x)
     assert torch.equal(torch.get_rng_state(), state), "compiling drew from the global RNG"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("model_fn", [lambda: StaticLoRA(dropout=0.01), lambda: MoLESite(SiteSpec(dropout=0.01))],
+                         ids=["static", "mole"])
+def test_passes_on_an_fx_graph_do_not_consume_the_global_rng(model_fn, train):
+    """Outside Dynamo (which restores the RNG after compiling), the backend's probes must not draw either."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    model = model_fn().train(train)
+    x = inputs(32, 8, seed=1)
+    gm = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        adafuse_compile.adafuse_backend(gm, [x], options={"inner": "eager"})
+    assert torch.equal(torch.get_rng_state(), state), "the passes drew from the global RNG"
 
 
 # --- 8. probing strictness and negative indices ---------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 import adafuse_compile
 from adafuse_compile.models import add_lora_moe, tiny_llama
 from adafuse_compile.models.layers import GATES, LoRAMoELinear
-from adafuse_compile.passes.hoist_routers import _hoisted_logits, _router_logits
+from adafuse_compile.passes.graph_ops import hoisted_logits, router_logits
 from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
 
 
@@ -48,7 +48,7 @@ def test_hoisted_routing_is_bitwise_eager(sites, hidden, experts, gate, tokens, 
         ref_out, ref_idx, ref_g = model(x)
     # One matmul for every router, where the batched matmul rounds like the separate ones (for
     # small in*T*E it may not, and the routers are left); never a changed decision.
-    assert count_calls(gm, _hoisted_logits) <= 1
+    assert count_calls(gm, hoisted_logits) <= 1
     for a, b in zip(idx, ref_idx):
         assert torch.equal(a, b)
     for a, b in zip(g, ref_g):
@@ -62,7 +62,7 @@ def test_no_flipped_expert_over_100k_tokens():
     model = SharedInputSites(3, 64, 8, 2, "softmax_topk").eval()
     x = torch.randn(100_000, 64)
     (_, idx, g), gm = _hoisted(model, x, adapters=False)  # routing only: probing 100k-token sites is slow
-    assert count_calls(gm, _hoisted_logits) == 1
+    assert count_calls(gm, hoisted_logits) == 1
     with torch.no_grad():
         _, ref_idx, ref_g = model(x, adapters=False)
     flips = sum(int((a != b).any(-1).sum()) for a, b in zip(idx, ref_idx))
@@ -77,8 +77,8 @@ def test_llama_routers_hoisted_per_shared_input():
     ids = torch.randint(0, 512, (2, 5))
     (gm,) = assert_equivalent(model, ids, options={"inner": "eager"})
     layers = model.config.num_hidden_layers
-    assert count_calls(gm, _hoisted_logits) == 2 * layers
-    assert count_calls(gm, _router_logits) == 5 * layers
+    assert count_calls(gm, hoisted_logits) == 2 * layers
+    assert count_calls(gm, router_logits) == 5 * layers
     with torch.no_grad():
         report = adafuse_compile.explain(model, ids, options={"inner": "eager"})
     assert len(report.hoisted_routers) == 2 * layers and "routers hoisted: 10 router(s)" in str(report)
@@ -90,7 +90,7 @@ def test_hoist_option_off_leaves_routers():
     x = torch.randn(3, 16)
     with torch.no_grad():
         _, (gm,) = compile_and_capture(model, x, options={"inner": "eager", "hoist": False})
-    assert count_calls(gm, _hoisted_logits) == 0
+    assert count_calls(gm, hoisted_logits) == 0
 
 
 @pytest.mark.parametrize("bias", [True])
@@ -108,4 +108,4 @@ def test_routers_with_bias_are_left(bias):
     torch._dynamo.reset()
     with torch.no_grad():
         _, (gm,) = compile_and_capture(BiasRouters(), torch.randn(3, 16), options={"inner": "eager"})
-    assert count_calls(gm, _hoisted_logits) == 0
+    assert count_calls(gm, hoisted_logits) == 0

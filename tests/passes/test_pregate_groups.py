@@ -14,8 +14,8 @@ from adafuse_compile.kernels import switched_linear
 from adafuse_compile.merge_state import SwitchedGroup
 from adafuse_compile.models import add_pregated_lora_moe, tiny_llama
 from adafuse_compile.models.layers import PreGate, PreGatedLoRAMoELinear
-from adafuse_compile.passes.fuse_mole import _fused_site
-from adafuse_compile.passes.merge_switch import _group_decide, _group_site
+from adafuse_compile.passes.graph_ops import fused_site
+from adafuse_compile.passes.graph_ops import group_decision, group_site
 from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
 
 
@@ -28,12 +28,12 @@ def test_pregated_sites_form_one_group(strategy, fused, sites):
     torch._dynamo.reset()
     model = _pregated()
     ids = torch.randint(0, 512, (2, 5))
-    (gm,) = assert_equivalent(model, ids, options={"strategy": strategy})
-    assert count_calls(gm, _fused_site) == fused
-    assert count_calls(gm, _group_site) == sites
-    assert count_calls(gm, _group_decide) == (1 if sites else 0)  # one decision for the whole group
+    (gm,) = assert_equivalent(model, ids, options={"strategy": strategy, "freeze": True})
+    assert count_calls(gm, fused_site) == fused
+    assert count_calls(gm, group_site) == sites
+    assert count_calls(gm, group_decision) == (1 if sites else 0)  # one decision for the whole group
     with torch.no_grad():
-        report = adafuse_compile.explain(model, ids, options={"inner": "eager", "strategy": strategy})
+        report = adafuse_compile.explain(model, ids, options={"inner": "eager", "strategy": strategy, "freeze": True})
     assert [s.status for s in report.sites] == ["fused"] * 14 and {s.gate for s in report.sites} == {"pre-gated"}
     (group,) = report.groups
     assert len(group.sites) == 14 and group.strategy == strategy and "merge when" in group.estimate
@@ -71,11 +71,11 @@ def test_groups_on_random_pregated_graphs_equal_eager(hidden, outs, experts, gat
     x = torch.randn(*shape, hidden)
     if shape[0] and strategy == "merge":
         x = x[:, :1].expand(shape[0], shape[1], hidden)  # every token alike: one decision, merged
-    (gm,) = assert_equivalent(model, x, options={"strategy": strategy})
+    (gm,) = assert_equivalent(model, x, options={"strategy": strategy, "freeze": True})
     if shape[0] == 0:
         return  # no token to probe with: sites are left as they are (correct, not rewritten)
-    grouped = count_calls(gm, _group_site)
-    assert grouped + count_calls(gm, _fused_site) == len(outs)
+    grouped = count_calls(gm, group_site)
+    assert grouped + count_calls(gm, fused_site) == len(outs)
     assert grouped == (len(outs) if strategy == "merge" else 0)
 
 
@@ -101,7 +101,7 @@ def test_merge_switch_decode_1000_steps_equals_eager_and_never_drifts():
     torch._dynamo.reset()
     model = _pregated(num_hidden_layers=1, max_position_embeddings=1024)
     pristine = {n: p.detach().clone() for n, p in model.named_parameters()}
-    compiled = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge"})
+    compiled = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge", "freeze": True})
     diffs = _decode(model, compiled, 1000)
     assert max(diffs) <= 1e-4, f"step {diffs.index(max(diffs))}: {max(diffs)}"
     # Dynamo compiles the prompt, then the one-token steps (static, then dynamic cache length).
@@ -195,7 +195,7 @@ def test_weights_changed_after_compilation_are_used_by_the_merged_path():
     torch._dynamo.reset()
     model = _pregated()
     ids = torch.full((1, 1), 7)
-    compiled = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge"})
+    compiled = torch.compile(model, backend="adafuse", options={"inner": "eager", "strategy": "merge", "freeze": True})
     with torch.no_grad():
         compiled(ids)
         site = model.model.layers[0].self_attn.q_proj
@@ -211,6 +211,6 @@ def test_dense_pregate_is_fused_not_switched():
     model = add_pregated_lora_moe(tiny_llama("tiny"), gate="dense", seed=0).eval()
     ids = torch.randint(0, 512, (1, 3))
     with torch.no_grad():
-        out, (gm,) = compile_and_capture(model, ids, options={"strategy": "merge"})
+        out, (gm,) = compile_and_capture(model, ids, options={"strategy": "merge", "freeze": True})
         torch.testing.assert_close(out.logits, model(ids).logits)
-    assert count_calls(gm, _fused_site) == 14 and count_calls(gm, _group_site) == 0
+    assert count_calls(gm, fused_site) == 14 and count_calls(gm, group_site) == 0
