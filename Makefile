@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)
+	$(PY) -m ruff check adafuse_compile tests tools examples benchmarks
+	$(PY) tools/import_graph.py
 	$(PY) -m pytest -q
 
 # adafuse-bench with its defaults (about 5 minutes on 2 cores), then the op and merge micro-benchmarks.

@@ -55,6 +55,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("mole-eager", "MoLE eager", "mole", None),
     Config("mole-inductor", "MoLE inductor", "mole", "inductor"),
     Config("mole-fused", "MoLE adafuse fused", "mole", "adafuse", {"strategy": "fused"}),
+    # The same under the freezing contract: stacked expert lists and routers cached (what the
+    # sound default, reading every weight at every call, costs is the difference to mole-fused).
+    Config("mole-frozen", "MoLE adafuse freeze", "mole", "adafuse", {"strategy": "fused", "freeze": True},
+           default=False),
     # Per-layer routers: no decision is shared, so there is no group to merge; kept to show that.
     Config("mole-merge", "MoLE adafuse merge", "mole", "adafuse", {"strategy": "merge", "freeze": True}, exact=False,
            default=False),
@@ -67,7 +71,7 @@ CONFIGS: tuple[Config, ...] = (
     Config("pregated-fused", "pre-gated adafuse fused", "pregated", "adafuse", {"strategy": "fused"}),
     Config("pregated-merge", "pre-gated adafuse merge", "pregated", "adafuse", {"strategy": "merge", "freeze": True},
            exact=False),
-    # The default strategy: the cost model's run-time guard picks fused or merged per step.
+    # The cost model's run-time guard picks fused or merged per step.
     Config("pregated-auto", "pre-gated adafuse auto", "pregated", "adafuse", {"strategy": "auto", "freeze": True},
            exact=False, default=False),
 )

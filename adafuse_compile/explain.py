@@ -34,7 +34,7 @@ class ExplainReport:
     def __str__(self) -> str:
         head = (f"adafuse: {len(self.sites)} site(s) in {self.graphs} graph(s), "
                 f"{self.graph_breaks} graph break(s); "
-                + ", ".join(f"{st} {self.count(st)}" for st in ("fused", "merged", "folded", "left")))
+                + ", ".join(f"{st} {self.count(st)}" for st in ("fused", "folded", "left")))
         rows = [("site", "status", "E", "k", "r", "gate", "reason")]
         for s in self.sites:
             rows.append((s.path, s.status, _fmt(s.experts), _fmt(s.k), _fmt(s.rank),

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.layers import LoRAMoELinear, MoLELinearBase, PreGate, PreGatedLoRAMoELinear, route
-from .models.llama import _attach_pregate, _embedding_path, _replace
+from .models.llama import attach_pregate, embedding_path, replace_module
 
 log = logging.getLogger("adafuse_compile")
 
@@ -149,7 +149,7 @@ def approximate_pregate(
     """
     sites = _per_layer_sites(model)
     spec = _common_spec(sites)
-    emb_name = _embedding_path(model)
+    emb_name = embedding_path(model)
     emb = model.get_submodule(emb_name)
     calib_ids, held_ids = _token_sets(calibration, emb.num_embeddings, tokens, held_out, seed, emb.weight.device)
 
@@ -284,8 +284,8 @@ def _pregated_copy(model, emb_name, sites, weight, spec) -> nn.Module:
     pregate.router.weight.copy_(weight)
     pregate.router.weight.requires_grad_(spec["trainable"])
     for name in sites:
-        _replace(approx, name, _pregated_site(approx.get_submodule(name), pregate))
-    _attach_pregate(approx, emb_name, pregate)
+        replace_module(approx, name, _pregated_site(approx.get_submodule(name), pregate))
+    attach_pregate(approx, emb_name, pregate)
     return approx
 
 
@@ -307,7 +307,7 @@ def _chosen(idx: torch.Tensor, g: torch.Tensor, gate: str, experts: int) -> torc
 
 def _measure(model, approx, emb, sites, ids, spec, r2, calib_tokens) -> ApproximationReport:
     """Routing agreement and output deviation of ``approx`` against ``model`` on held-out ``ids``."""
-    pregate = approx.get_submodule(_embedding_path(approx)).pregate
+    pregate = approx.get_submodule(embedding_path(approx)).pregate
     gate_args = (spec["gate"], spec["top_k"], spec["top_p"], spec["entropy_threshold"])
     same = torch.zeros(len(sites), dtype=torch.float64)
     kl = greedy = 0.0

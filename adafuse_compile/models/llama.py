@@ -110,7 +110,7 @@ def _check_args(experts: int, top_k: int, rank: int, gate: str, alpha: float) ->
         raise ValueError(f"alpha must be > 0, got {alpha}")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -154,13 +154,13 @@ def add_lora_moe(
             top_p=top_p, entropy_threshold=entropy_threshold, seed=_site_seed(seed, name),
             init_ratio=init_ratio, router_dtype=router_dtype,
         )
-        _replace(model, name, site)
+        replace_module(model, name, site)
     if freeze_base:
         _freeze_backbone(model)
     return model
 
 
-def _embedding_path(model: nn.Module) -> str:
+def embedding_path(model: nn.Module) -> str:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, m in model.named_modules():
         if m is emb or (emb is None and name.endswith("embed_tokens") and isinstance(m, nn.Embedding)):
@@ -200,11 +200,11 @@ def _install_inputs_embeds_hook(backbone: nn.Module, pregate: PreGate):
     return backbone.register_forward_pre_hook(_InputsEmbedsHook(pregate, pos), with_kwargs=True)
 
 
-def _attach_pregate(model: nn.Module, emb_name: str, pregate: PreGate) -> None:
+def attach_pregate(model: nn.Module, emb_name: str, pregate: PreGate) -> None:
     """Make computing the embeddings compute ``pregate``'s decision: the embedding at
     ``emb_name`` becomes a :class:`PreGatedEmbedding`, and a backbone pre-hook covers
     ``inputs_embeds`` calls (shared by :func:`add_pregated_lora_moe` and approximate pre-gating)."""
-    _replace(model, emb_name, PreGatedEmbedding(model.get_submodule(emb_name), pregate))
+    replace_module(model, emb_name, PreGatedEmbedding(model.get_submodule(emb_name), pregate))
     backbone = getattr(model, "base_model", model)
     pregate._hook_handle = _install_inputs_embeds_hook(backbone, pregate)
 
@@ -237,7 +237,7 @@ def add_pregated_lora_moe(
     """
     _check_args(experts, top_k, rank, gate, alpha)
     found = _matching_linears(model, targets)
-    emb_name = _embedding_path(model)
+    emb_name = embedding_path(model)
     emb = model.get_submodule(emb_name)
     pregate = PreGate(
         emb.embedding_dim, experts=experts, top_k=top_k, gate=gate, top_p=top_p,
@@ -249,8 +249,8 @@ def add_pregated_lora_moe(
             lin, pregate, rank=rank, alpha=alpha, shared_A=shared_A, seed=_site_seed(seed, name),
             init_ratio=init_ratio,
         )
-        _replace(model, name, site)
-    _attach_pregate(model, emb_name, pregate)
+        replace_module(model, name, site)
+    attach_pregate(model, emb_name, pregate)
     if freeze_base:
         _freeze_backbone(model)
     return model

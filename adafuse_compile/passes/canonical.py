@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .graph_ops import canonical_A, canonical_B
 from .sites import Site, ancestors
-from .verify import ROUTING_LEAK, DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
+from .verify import ROUTING_LEAK, DecisionDraws, op_name, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
 
 __all__ = ["Canonical", "canonicalize", "node_value_meta", "stack_experts"]
 
@@ -104,10 +104,6 @@ _SOFTMAX = ("softmax", "_softmax")
 _MASKING = ("where", "masked_fill", "mul")
 
 
-def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
 def _descendants(node: fx.Node, within: list[fx.Node]) -> list[fx.Node]:
     """``node`` and the nodes of ``within`` (in graph order) computed from it, in that order."""
     members = set(within)
@@ -129,12 +125,12 @@ def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
         return kind
     between = (ancestors(g) | {g}) - ancestors(source) - {source}
     before = ancestors(source)
-    if any(_name(n) in _SOFTMAX for n in between):
+    if any(op_name(n) in _SOFTMAX for n in between):
         return "topk_softmax"
-    if any(_name(n) in _SOFTMAX for n in before):
-        if any(_name(n) in ("truediv", "div", "itruediv") for n in between):
+    if any(op_name(n) in _SOFTMAX for n in before):
+        if any(op_name(n) in ("truediv", "div", "itruediv") for n in between):
             return "softmax_topk"
-        if any(_name(n) in _MASKING for n in between):
+        if any(op_name(n) in _MASKING for n in between):
             return "top_p"
         return "softmax_topk (not renormalized)"
     return "topk"

@@ -37,11 +37,12 @@ import math
 import torch
 import torch.fx as fx
 
-from .canonical import _name, node_value_meta
+from .canonical import node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .graph_ops import hoisted_logits, router_logits
 from .manager import DERIVED_INPUTS, GraphPass
 from .sites import is_linear, parameter_values
+from .verify import op_name
 
 log = logging.getLogger("adafuse_compile")
 
@@ -66,7 +67,7 @@ def _feeds_selection(node: fx.Node, depth: int = 6) -> bool:
     frontier = [node]
     for _ in range(depth):
         frontier = [u for n in frontier for u in n.users]
-        if any(_name(u) in _SELECTIONS for u in frontier):
+        if any(op_name(u) in _SELECTIONS for u in frontier):
             return True
     return False
 

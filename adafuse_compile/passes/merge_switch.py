@@ -25,11 +25,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
 import torch.fx as fx
 
 from ..cost_model import CostModel, GroupShape
-from ..kernels.switched_linear import group_decide, group_site_linear, register_group
+from ..kernels.switched_linear import register_group
 from ..merge_state import SwitchedGroup
 from .canonical import node_value_meta
 from .fuse_mole import SITE_META

@@ -41,19 +41,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_delta_ref
 from .sites import Site, ancestors, is_inplace
 
-__all__ = ["MIN_PROBES", "ROUTING_LEAK", "RELATIVE_TOLERANCE", "Probe", "draw_probes", "identity_holds", "linearity_violation",
-           "random_op"]
+__all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "ROUTING_LEAK", "DecisionDraws", "Probe", "canonical_delta",
+           "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay"]
 
 # float64 replay of the site against float64 canonical math: both compute the same sums in other
 # orders, so they agree to ~1e-15 relative; any structural difference (a wrong expert, layout,
@@ -124,8 +122,6 @@ def _dropout_active(node: fx.Node) -> bool:
 
 def _operands(node: fx.Node) -> list:
     """Every argument of ``node``, flattened out of lists, tuples and dicts, in order."""
-    out: list = []
-    map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)  # nodes
     flat: list = []
 
     def walk(v):
@@ -453,5 +449,3 @@ def draw_probes(gm, site: Site, params: dict, shapes: list[tuple[tuple, dict]], 
     return probes
 
 
-__all__ += ["DecisionDraws", "canonical_delta", "draw_parameters", "op_name", "replay"]
-_ = operator, F  # noqa: F401 (kept for readers: the ops named above are these)
