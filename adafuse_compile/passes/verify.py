@@ -70,12 +70,19 @@ _RANDOM = frozenset({"rand", "randn", "rand_like", "randn_like", "randint", "ran
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
                        "feature_alpha_dropout"})
 # Ops whose value is their first operand's, rearranged, reduced by a sum, or cast: linear in it.
-_VIEWS = frozenset({"view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten", "unflatten",
-                    "expand", "expand_as", "contiguous", "clone", "narrow", "select", "movedim", "moveaxis", "split",
-                    "chunk", "unbind", "tensor_split", "diagonal", "flip", "roll", "repeat", "detach", "getitem",
-                    "index_select", "gather", "take_along_dim", "sum", "mean", "cumsum", "neg", "negative",
-                    "view_as", "reshape_as", "_unsafe_view", "swapaxes", "swapdims", "squeeze_", "unsqueeze_",
-                    "transpose_", "t_", "neg_", "to", "type", "type_as", "float", "double", "half", "bfloat16"})
+_LINEAR_UNARY = frozenset({"view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten",
+                           "unflatten", "expand", "expand_as", "contiguous", "clone", "narrow", "select", "movedim",
+                           "moveaxis", "split", "chunk", "unbind", "tensor_split", "diagonal", "flip", "roll", "repeat",
+                           "detach", "getitem", "index_select", "gather", "take_along_dim", "sum", "mean", "cumsum",
+                           "neg", "negative", "view_as", "reshape_as", "_unsafe_view", "swapaxes", "swapdims",
+                           "squeeze_", "unsqueeze_", "transpose_", "t_", "neg_", "to", "type", "type_as", "float",
+                           "double", "half", "bfloat16"})
+# Of those, the ones whose result may share memory with the operand: an in-place write through
+# them changes the operand too.
+_ALIASING = frozenset({"view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "flatten", "unflatten",
+                       "expand", "expand_as", "narrow", "select", "movedim", "moveaxis", "split", "chunk", "unbind",
+                       "tensor_split", "diagonal", "detach", "getitem", "view_as", "reshape_as", "_unsafe_view",
+                       "swapaxes", "swapdims", "contiguous"})
 _SHAPE_ONLY_OPERANDS = frozenset({"expand_as", "view_as", "reshape_as", "type_as"})  # later operands: shape, dtype
 _CASTS = frozenset({"to", "type", "float", "double", "half", "bfloat16"})
 _ZERO_MAKERS = frozenset({"zeros", "zeros_like", "new_zeros", "empty", "empty_like", "new_empty"})
@@ -213,7 +220,7 @@ class _Classifier:
             return self._module(node)
         if name in _DROPOUTS:  # inactive (active dropout is a random op)
             return head if not any(lin[1:]) else f"{name} of an input-dependent probability"
-        if name in _VIEWS:
+        if name in _LINEAR_UNARY:
             if name in _CASTS and any(isinstance(v, torch.dtype) and not v.is_floating_point for v in operands):
                 return f"a cast of an input-dependent value to an integer type ({name})"
             if name not in _SHAPE_ONLY_OPERANDS and any(lin[1:]):
@@ -225,7 +232,7 @@ class _Classifier:
                         "(affine, not linear)")
             return _LIN
         if name in _PRODUCTS:
-            return head if sum(lin) == 1 and lin[0] else _LIN if sum(lin) == 1 else f"{name} of two input-dependent values"
+            return _LIN if sum(lin) == 1 else f"{name} of two input-dependent values"
         if name in _QUOTIENTS:
             if node.kwargs.get("rounding_mode") is not None:
                 return f"{name} with rounding"
@@ -269,9 +276,7 @@ class _Classifier:
 def _view_chain(node: fx.Node) -> list[fx.Node]:
     """``node`` and the tensors it is a view of (``out.view(...)[rows]`` -> the view, ``out``)."""
     chain = [node]
-    while op_name(node) in _VIEWS - _CASTS - {"clone", "sum", "mean", "cumsum", "neg", "negative", "repeat",
-                                               "index_select", "gather", "take_along_dim", "flip", "roll"} \
-            and node.args and isinstance(node.args[0], fx.Node):
+    while op_name(node) in _ALIASING and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
         chain.append(node)
     return chain
