@@ -59,6 +59,8 @@ def merged_delta_ref(
     This is what a site's weight changes by when that decision is merged into it. An empty
     decision (``k == 0``) gives zeros.
     """
+    if idx.numel() == 0:  # an empty einsum raises on some torch builds (2.11 with CUDA)
+        return torch.zeros(B.shape[1], A.shape[2], dtype=B.dtype, device=B.device)
     delta = torch.einsum("kor,kri->oi", B[idx] * g.to(B.dtype)[:, None, None], _chosen_A(A, idx))
     return scale * delta
 
