@@ -235,8 +235,13 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
         if violation is not None:
             reasons.append(violation)
             continue
+        width = _router_width(source) if gate == "top-k" else None
         for E in sorted({c[4] for c in experts}):
             if (gate == "static" and E != 1) or (idx is None and gate != "static" and k != E) or k > E:
+                continue
+            if width is not None and width != E:  # the router chooses among `width`: draws must too
+                reasons.append(f"the router chooses among {width} experts, but the adapter's parameters hold "
+                               f"{E} (a duplicated or unused expert table)")
                 continue
             probes = draw_probes(gm, site, params, shapes, _decision_override(site, idx, g, E))
             if isinstance(probes, str):
@@ -261,6 +266,13 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
                       "layouts tried)")
     return None, (f"no canonical form equals the site for random weights, inputs and decisions ({len(experts)} "
                   f"expert layouts x {len(decisions)} routing decisions tried)")
+
+
+def _router_width(topk: fx.Node) -> int | None:
+    """How many experts a ``topk`` chooses among (the last size of what it ranks)."""
+    val = node_value_meta(topk.args[0]) if topk.args and isinstance(topk.args[0], fx.Node) else None
+    shape = _concrete(val.shape) if val is not None else None
+    return shape[-1] if shape else None
 
 
 def _proof(probes: int, shapes: list[tuple], E: int, gate: str) -> str:

@@ -125,3 +125,19 @@ def test_probing_reads_only_shapes_so_parameters_on_any_device_work():
     is what failed on CUDA, where probes were made on the CPU)."""
     ((canon, reason),) = verdicts(Site().eval(), torch.randn(5, IN), to="meta")
     assert canon is not None, reason
+
+
+def test_an_expert_table_smaller_than_the_router_is_left():
+    """Found by the look-alike property (10k run): with the table ``[B_1, B_1]`` only one B is a
+    parameter of the site, so a one-expert form fitted while the router picks among two; the
+    draws must choose among what the router chooses among."""
+
+    class Duplicated(Site):
+        def forward(self, x):
+            w, idx = torch.topk(torch.softmax(self.router(x), -1), 1)
+            B = torch.stack([self.B[1], self.B[1], self.B[1], self.B[1]])
+            h = torch.einsum("ti,tkri->tkr", x, self.A[:1][idx * 0]) * w.unsqueeze(-1)
+            return self.base(x) + torch.einsum("tkr,tkor->to", h, B[idx])
+
+    ((canon, reason),) = verdicts(Duplicated().eval(), torch.randn(1, IN))
+    assert canon is None
