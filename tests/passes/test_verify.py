@@ -128,16 +128,23 @@ def test_probing_reads_only_shapes_so_parameters_on_any_device_work():
 
 
 def test_an_expert_table_smaller_than_the_router_is_left():
-    """Found by the look-alike property (10k run): with the table ``[B_1, B_1]`` only one B is a
-    parameter of the site, so a one-expert form fitted while the router picks among two; the
-    draws must choose among what the router chooses among."""
+    """Found by the look-alike property (10k run): per-expert lists where every expert uses
+    ``B_1`` leave one B among the site's parameters, so a one-expert form (shared A) was fitted
+    while the router picks among two. Draws must choose among what the router ranks."""
 
-    class Duplicated(Site):
+    class Duplicated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.router = nn.Linear(IN, OUT), nn.Linear(IN, 2, bias=False)
+            self.A = nn.ParameterList([nn.Parameter(torch.randn(R, IN)) for _ in range(2)])
+            self.B = nn.ParameterList([nn.Parameter(torch.randn(OUT, R)) for _ in range(2)])
+
         def forward(self, x):
             w, idx = torch.topk(torch.softmax(self.router(x), -1), 1)
-            B = torch.stack([self.B[1], self.B[1], self.B[1], self.B[1]])
-            h = torch.einsum("ti,tkri->tkr", x, self.A[:1][idx * 0]) * w.unsqueeze(-1)
-            return self.base(x) + torch.einsum("tkr,tkor->to", h, B[idx])
+            y = self.base(x)
+            for e in range(2):
+                y = y + ((idx == e) * w).sum(-1, keepdim=True) * (x @ self.A[e].T @ self.B[1].T)
+            return y
 
     ((canon, reason),) = verdicts(Duplicated().eval(), torch.randn(1, IN))
-    assert canon is None
+    assert canon is None and "chooses among 2 experts" in reason
