@@ -14,7 +14,7 @@ from . import kernels  # registers torch.ops.adafuse.*
 from .api import compile, refresh
 from .backend import adafuse_backend
 from .explain import ExplainReport, explain
-from .merge_state import MergedGroup
+from .runtime.merge_state import MergedGroup
 from .options import AdafuseOptions
 from .pregate import ApproximationReport, approximate_pregate
 

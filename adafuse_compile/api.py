@@ -10,14 +10,14 @@ import torch
 
 from .options import AdafuseOptions
 
-__all__ = ["compile", "refresh"]
+__all__ = ["DYNAMO_SETTINGS", "compile", "refresh"]
 
 # Token-dispatch adapters (MixLoRA, MoLA: ``torch.where(mask)`` + ``index_add_``) call nonzero,
 # whose output size depends on the data. By default Dynamo breaks the graph there, and a break
 # inside the expert loop makes it run the whole forward eagerly (MEASUREMENTS.md: 18 breaks, 68
 # fragments per step on an 8-layer model). Capturing such ops gives one graph the passes can
 # rewrite: after fusion the nonzero calls are gone.
-_DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True}
+DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True}
 
 
 def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | None = None,
@@ -61,7 +61,7 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
 def _with_settings(forward: Callable) -> Callable:
     @functools.wraps(forward)
     def forward_with_settings(*args, **kwargs):
-        with torch._dynamo.config.patch(_DYNAMO_SETTINGS):
+        with torch._dynamo.config.patch(DYNAMO_SETTINGS):
             return forward(*args, **kwargs)
 
     return forward_with_settings
@@ -76,7 +76,7 @@ def refresh() -> None:
     PEFT's ``hotswap_adapter``): call this after those. Without ``freeze`` nothing is cached and
     there is nothing to refresh.
     """
-    from .merge_state import SwitchedGroup
+    from .runtime.merge_state import SwitchedGroup
     from .passes.derived import refresh_all
 
     refresh_all()

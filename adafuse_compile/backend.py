@@ -6,24 +6,75 @@ Registered under the name ``adafuse`` through the ``torch_dynamo_backends`` entr
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import logging
+import threading
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, PassManager
+from .passes import (FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, NormalizeLinearsPass,
+                     PassManager)
+from .passes import GroupReport, SiteReport
+from .passes.hoist_routers import HoistedGroup
 from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["adafuse_backend", "build_pass_manager", "compile_rewritten", "rewrite"]
+__all__ = ["Rewrite", "adafuse_backend", "build_pass_manager", "capture_rewrites", "compile_rewritten", "rewrite"]
+
+
+@dataclasses.dataclass
+class Rewrite:
+    """What the passes made of one Dynamo graph: the graph, what it needs at run time, and the
+    passes' reports (read by ``explain``, ``adafuse-bench`` and the examples)."""
+
+    original: torch.fx.GraphModule  # the graph Dynamo captured (left as it was)
+    graph: torch.fx.GraphModule  # the rewritten copy
+    derived_inputs: list  # computed from the graph's inputs before each call (freeze=True)
+    state: list  # run-time state the graph's ops reach by id (switched groups), kept alive
+    sites: list[SiteReport]
+    groups: list[GroupReport]  # sites sharing one pre-gate decision
+    hoisted: list[HoistedGroup]  # routers batched into one matmul
+    error: str | None = None  # why the graph was compiled unrewritten, if it was
+
+    def counts(self) -> dict[str, int]:
+        """Sites per status (``fused``, ``folded``, ``left``)."""
+        return dict(collections.Counter(s.status for s in self.sites))
+
+
+_CAPTURES = threading.local()
+
+
+@contextlib.contextmanager
+def capture_rewrites():
+    """Collect the :class:`Rewrite` of every graph the backend compiles in this thread meanwhile::
+
+        with capture_rewrites() as rewrites:
+            fast(x)
+        print(sum(r.counts().get("fused", 0) for r in rewrites))
+    """
+    found: list[Rewrite] = []
+    stack = _CAPTURES.__dict__.setdefault("stack", [])
+    stack.append(found)
+    try:
+        yield found
+    finally:
+        stack.remove(found)
+
+
+def _publish(rw: Rewrite) -> None:
+    for found in getattr(_CAPTURES, "stack", ()):
+        found.append(rw)
 
 
 def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
-    passes = []
+    passes = [NormalizeLinearsPass()]
     if opts.fold and opts.freeze:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
@@ -70,30 +121,41 @@ def adafuse_backend(
 
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
     try:
-        return compile_rewritten(rewrite(gm, example_inputs, opts), example_inputs, opts, mode)
-    except Exception:
+        rw = rewrite(gm, example_inputs, opts)
+        compiled = compile_rewritten(rw, example_inputs, opts, mode)
+    except Exception as e:
         # Anything of ours (a pass, a derived input, the inner compiler on the rewritten graph):
         # the unrewritten graph is always a correct answer.
         if opts.strict:
             raise
         log.warning("adafuse: rewriting failed; compiling the graph unrewritten", exc_info=True)
-        return compile_rewritten(gm, example_inputs, opts, mode)
+        rw = Rewrite(gm, gm, [], [], [], [], [], error=f"{type(e).__name__}: {e}")
+        compiled = compile_rewritten(rw, example_inputs, opts, mode)
+    _publish(rw)
+    return compiled
 
 
-def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,
-            manager: PassManager | None = None) -> torch.fx.GraphModule:
-    """A rewritten copy of ``gm``. Dynamo keeps using its own graph (its placeholders must stay
-    as it made them), and passes may add inputs (see ``DERIVED_INPUTS``). ``manager`` defaults
-    to the one the options build; pass one to read its passes' reports afterwards."""
-    manager = manager or build_pass_manager(opts, example_inputs)
-    return manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
+def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> Rewrite:
+    """The passes the options enable, on a copy of ``gm`` (Dynamo keeps using its own graph: its
+    placeholders must stay as it made them, and passes may add inputs)."""
+    manager = build_pass_manager(opts, example_inputs)
+    graph = manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
+    sites, groups, hoisted = [], [], []
+    for p in manager.passes:
+        if isinstance(p, (FoldStaticLoRAPass, FuseMoLEPass)):
+            sites.extend(p.reports)
+        elif isinstance(p, MergeSwitchPass):
+            groups.extend(p.reports)
+        elif isinstance(p, HoistRoutersPass):
+            hoisted.extend(p.hoisted)
+    return Rewrite(gm, graph, graph.meta.get(DERIVED_INPUTS, []), graph.meta.get(KEEPALIVE, []), sites, groups,
+                   hoisted)
 
 
-def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions,
+def compile_rewritten(rw: Rewrite, example_inputs: list[Any], opts: AdafuseOptions,
                       mode: str | None = None) -> Callable:
     """The inner compiler on a rewritten graph, fed the derived inputs the passes added."""
-    derived = gm.meta.get(DERIVED_INPUTS, [])
-    keepalive = gm.meta.get(KEEPALIVE, [])
+    gm, derived = rw.graph, rw.derived_inputs
     if derived:
         example_inputs = [*example_inputs, *(d(example_inputs) for d in derived)]
     if opts.inner == "inductor" and mode is not None:
@@ -103,7 +165,7 @@ def compile_rewritten(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
         compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
     else:
         compiled = _inner_compiler(opts.inner)(gm, example_inputs)
-    return _with_derived_inputs(compiled, derived, keepalive) if derived or keepalive else compiled
+    return _with_derived_inputs(compiled, derived, rw.state) if derived or rw.state else compiled
 
 
 def _with_derived_inputs(compiled: Callable, derived: list, keepalive: list) -> Callable:

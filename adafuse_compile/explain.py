@@ -7,7 +7,8 @@ import logging
 
 import torch
 
-from .backend import build_pass_manager, rewrite
+from .api import DYNAMO_SETTINGS
+from .backend import Rewrite, rewrite
 from .options import AdafuseOptions
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
@@ -41,6 +42,10 @@ class ExplainReport:
                          s.gate or "-", s.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [head, ""]
+        if not self.sites:
+            lines.append("no adapter site found: no linear on a parameter is followed by an add of a term computed "
+                         "from its input in any captured graph"
+                         + (" (the graph breaks below may have split the adapters)" if self.graph_breaks else ""))
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if self.hoisted_routers:
@@ -68,7 +73,9 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     """Capture ``model(*args, **kwargs)`` with Dynamo, run the adafuse passes, and report.
 
     The captured graphs are rewritten but never compiled: each graph runs once unrewritten (as
-    eager would) so that Dynamo can continue past graph breaks. Call it in the grad mode you will
+    eager would) so that Dynamo can continue past graph breaks. Capture uses the Dynamo
+    settings of :func:`adafuse_compile.compile` (data-dependent dispatch such as ``nonzero`` is
+    captured), so the report says what that compile does. Call it in the grad mode you will
     run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
     It resets Dynamo (``torch._dynamo.reset()``) before and after, so that every frame is
     captured afresh: models compiled earlier in the process recompile on their next call.
@@ -80,20 +87,10 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
         from .pregate import APPROXIMATE_NEEDS_MODEL
 
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
-    reports: list[SiteReport] = []
-    groups: list[GroupReport] = []
-    hoisted: list[list[str]] = []
-    graphs = 0
+    rewrites: list[Rewrite] = []
 
     def collect(gm, example_inputs):
-        nonlocal graphs
-        graphs += 1
-        manager = build_pass_manager(opts, example_inputs)
-        rewrite(gm, example_inputs, opts, manager)
-        for p in manager.passes:
-            hoisted.extend(getattr(p, "hoisted", []))
-            for r in getattr(p, "reports", []):
-                (groups if isinstance(r, GroupReport) else reports).append(r)
+        rewrites.append(rewrite(gm, example_inputs, opts))
         return gm.forward  # run the captured graph as it was
 
     from torch._dynamo.utils import counters
@@ -101,14 +98,17 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     torch._dynamo.reset()
     counters.clear()
     try:
-        torch.compile(model, backend=collect)(*args, **kwargs)
+        with torch._dynamo.config.patch(DYNAMO_SETTINGS):  # as adafuse_compile.compile captures
+            torch.compile(model, backend=collect)(*args, **kwargs)
         # A break Dynamo cannot split a frame at (one inside a loop) skips the whole frame: it
         # is counted as "unimplemented", not as a graph break, and the frame runs eagerly.
         skipped = {f"frame skipped, runs eagerly: {r.splitlines()[0]}": n for r, n in counters["unimplemented"].items()}
         breaks = {**counters["graph_break"], **skipped}
     finally:
         torch._dynamo.reset()
-    report = ExplainReport(reports, graphs, sum(breaks.values()), sorted(breaks), groups, hoisted)
+    report = ExplainReport([s for rw in rewrites for s in rw.sites], len(rewrites), sum(breaks.values()),
+                           sorted(breaks), [g for rw in rewrites for g in rw.groups],
+                           [h for rw in rewrites for h in rw.hoisted])
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report

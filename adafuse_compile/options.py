@@ -49,7 +49,7 @@ class AdafuseOptions:
             ``"fused"`` (default) runs the fused unmerged op at each site; ``"merge"`` merges the
             chosen experts of the whole group into copies of the weights whenever one decision
             covers the step and runs plain linears; ``"auto"`` lets the cost model
-            (:mod:`adafuse_compile.cost_model`) choose per step from the token count and the
+            (:mod:`adafuse_compile.runtime.cost_model`) choose per step from the token count and the
             observed rate of decision changes. ``"fused"`` is the default because the run-time
             choice itself costs two Python-dispatched ops per site: measured on the small model,
             batch-1 decode, 1.09x the backbone under ``"auto"`` vs 1.03x fused, and even with a

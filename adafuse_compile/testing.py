@@ -10,7 +10,8 @@ import math
 
 import torch
 
-__all__ = ["tolerance", "assert_close_to_reference"]
+__all__ = ["assert_close_to_reference", "assert_equivalent", "assert_rewrite", "check_pass", "compile_and_capture",
+           "compile_and_capture_rewrites", "count_calls", "tolerance"]
 
 # Absolute/relative tolerance per dtype for a short reduction (n <= 256) with O(1) operands.
 _BASE_TOL = {
@@ -54,23 +55,25 @@ def compile_and_capture(model, *args, options=None, **kwargs):
     assert which ops remain. ``options`` are the backend's (``inner`` defaults to ``"eager"``:
     the passes, not Inductor, are under test).
     """
-    from .backend import compile_rewritten, rewrite
-    from .options import AdafuseOptions
+    out, rewrites = compile_and_capture_rewrites(model, *args, options=options, **kwargs)
+    return out, [rw.graph for rw in rewrites]
 
-    graphs = []
-    opts = AdafuseOptions.from_dict({"inner": "eager", **(options or {})})
 
-    def capture(gm, example_inputs):
-        rewritten = rewrite(gm, example_inputs, opts)
-        graphs.append(rewritten)
-        return compile_rewritten(rewritten, example_inputs, opts)
+def compile_and_capture_rewrites(model, *args, options=None, **kwargs):
+    """Like :func:`compile_and_capture`, with the whole :class:`~adafuse_compile.backend.Rewrite`
+    of each graph (the graph Dynamo captured, the rewritten one, the passes' reports)."""
+    import functools
 
+    from .backend import adafuse_backend, capture_rewrites
+
+    backend = functools.partial(adafuse_backend, options={"inner": "eager", **(options or {})})
     torch._dynamo.reset()
     try:
-        out = torch.compile(model, backend=capture)(*args, **kwargs)
+        with capture_rewrites() as rewrites:
+            out = torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
-    return out, graphs
+    return out, rewrites
 
 
 def _first_tensor(out):
@@ -90,11 +93,30 @@ def assert_equivalent(model, *args, options=None, reduction: int = 256, **kwargs
     and the eager outputs are compared to that float64 reference; otherwise compiled is compared
     to eager. Returns the rewritten graphs (see :func:`compile_and_capture`).
     """
+    return [rw.graph for rw in _equivalent_rewrites(model, args, kwargs, options, reduction)]
+
+
+def assert_rewrite(model, *args, before=(), after=(), options=None, reduction: int = 256, **kwargs):
+    """:func:`assert_equivalent`, plus the ops the rewrite replaced and introduced (as vLLM's
+    tests declare ``ops_in_model_before/after``): every target in ``before`` is called in some
+    graph Dynamo captured and in no rewritten graph; every target in ``after`` is called in some
+    rewritten graph. Targets are functions (``F.linear``, ``graph_ops.fused_site``) or method
+    names. Returns the :class:`~adafuse_compile.backend.Rewrite` of each graph."""
+    rewrites = _equivalent_rewrites(model, args, kwargs, options, reduction)
+    for target in before:
+        assert any(count_calls(rw.original, target) for rw in rewrites), f"{target} not in the captured graph"
+        assert not any(count_calls(rw.graph, target) for rw in rewrites), f"{target} still called after the rewrite"
+    for target in after:
+        assert any(count_calls(rw.graph, target) for rw in rewrites), f"{target} not called after the rewrite"
+    return rewrites
+
+
+def _equivalent_rewrites(model, args, kwargs, options, reduction):
     import copy
 
     with torch.no_grad():
         expected = _first_tensor(model(*args, **kwargs))
-        out, graphs = compile_and_capture(model, *args, options=options, **kwargs)
+        out, rewrites = compile_and_capture_rewrites(model, *args, options=options, **kwargs)
         actual = _first_tensor(out)
         try:
             ref_model = copy.deepcopy(model).double()
@@ -107,7 +129,7 @@ def assert_equivalent(model, *args, options=None, reduction: int = 256, **kwargs
     else:
         assert_close_to_reference(expected, reference, reduction=reduction, msg="eager vs float64")
         assert_close_to_reference(actual, reference, reduction=reduction, msg="adafuse vs float64")
-    return graphs
+    return rewrites
 
 
 def count_calls(gm: torch.fx.GraphModule, *targets) -> int:

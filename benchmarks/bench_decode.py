@@ -1,4 +1,4 @@
-"""The decode benchmark lives in the package: ``adafuse-bench`` (``adafuse_compile/bench.py``).
+"""The decode benchmark lives in the package: ``adafuse-bench`` (``adafuse_compile/bench/cli.py``).
 
     python benchmarks/bench_decode.py [adafuse-bench flags]   # same as adafuse-bench
 """

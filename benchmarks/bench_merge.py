@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from adafuse_compile.kernels import merge_rebase_, merge_switch_
-from adafuse_compile.timing import interleaved_medians
+from adafuse_compile.bench.timing import interleaved_medians
 
 
 def main() -> None:

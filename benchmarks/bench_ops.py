@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from adafuse_compile.kernels import lora_moe_linear
 from adafuse_compile.kernels.cpu_extension import load_cpu_kernels
-from adafuse_compile.timing import interleaved_medians
+from adafuse_compile.bench.timing import interleaved_medians
 
 # The module, not the function that adafuse_compile.kernels re-exports under the same name.
 op_module = importlib.import_module("adafuse_compile.kernels.lora_moe_linear")

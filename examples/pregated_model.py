@@ -14,14 +14,15 @@ greedy tokens against eager and times one-token decode steps, interleaved.
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import torch
 
-from adafuse_compile.bench import SiteLog
-from adafuse_compile.decoding import GreedyDecoder, compare_to_reference
+from adafuse_compile.backend import capture_rewrites
+from adafuse_compile.bench.decoding import GreedyDecoder, compare_to_reference
 from adafuse_compile.models import adapter_sites, add_pregated_lora_moe, find_pregate, tiny_llama
-from adafuse_compile.timing import interleaved_medians
+from adafuse_compile.bench.timing import interleaved_medians
 
 STRATEGIES = ("fused", "merge", "auto")
 
@@ -50,15 +51,17 @@ def main() -> None:
         forward = torch.compile(model.forward, backend="adafuse", dynamic=False,
                                 options={"strategy": strategy, "inner": args.inner, "freeze": strategy != "fused"})
         decoders[strategy] = GreedyDecoder(model, forward, prompt, args.new)
-        with SiteLog().capture() as sites:
+        with capture_rewrites() as rewrites:  # what the backend did to each graph, as data
             t0 = time.perf_counter()
             result = decoders[strategy].decode(teacher=reference.tokens, keep_logits=True)
         check = compare_to_reference(result, reference)
-        done = ", ".join(f"{status} {n}" for status, n in sorted(sites.counts.items()) if status != "group")
+        statuses = collections.Counter(s.status for rw in rewrites for s in rw.sites)
+        done = ", ".join(f"{status} {n}" for status, n in sorted(statuses.items()))
         print(f"strategy={strategy!r}: compiled in {time.perf_counter() - t0:.1f} s; sites: {done or 'none logged'}; "
               f"tokens equal to eager: {check['tokens_equal']}, max |dlogit| {check['max_logit_diff']:.1e}")
-        for line in sites.groups:  # the decision, its sites, the strategy and the cost model's estimate
-            print(f"  {line}")
+        for group in (g for rw in rewrites for g in rw.groups):  # a decision, its sites, strategy, estimate
+            print(f"  group on ({group.decision}): {len(group.sites)} site(s), strategy {group.strategy}; "
+                  f"{group.estimate}")
         if strategy == "fused" and not check["tokens_equal"]:
             raise SystemExit(f"fused strategy chose other tokens than eager: {check['first_mismatch']}")
 

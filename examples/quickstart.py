@@ -20,7 +20,7 @@ import torch
 
 import adafuse_compile
 from adafuse_compile.models import adapter_sites, add_lora_moe, tiny_llama
-from adafuse_compile.timing import interleaved_medians
+from adafuse_compile.bench.timing import interleaved_medians
 
 
 def generate(model, ids, new_tokens):

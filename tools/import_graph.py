@@ -1,6 +1,10 @@
-"""Import cycles and cross-module private imports in the adafuse_compile package.
+"""Import cycles, upward imports and cross-module private imports in the adafuse_compile package.
 
-    python tools/import_graph.py        # exit 1 if there is either
+    python tools/import_graph.py        # exit 1 if there is any
+
+The layers (README, Architecture), lowest first; a module may import its own layer and below:
+options and kernels -> runtime and the model zoo -> passes -> backend, explain, api, pregate ->
+testing and the benchmark -> the package's ``__init__``.
 
 Reads the source with ``ast`` (nothing is imported): module-level and function-level
 ``from .x import y`` / ``import adafuse_compile.x`` statements form the graph.
@@ -85,6 +89,23 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+LAYERS = [
+    ("adafuse_compile.options", 0), ("adafuse_compile.kernels", 0),
+    ("adafuse_compile.runtime", 1), ("adafuse_compile.models", 1),
+    ("adafuse_compile.passes", 2),
+    ("adafuse_compile.backend", 3), ("adafuse_compile.explain", 3), ("adafuse_compile.api", 3),
+    ("adafuse_compile.pregate", 3),
+    ("adafuse_compile.testing", 4), ("adafuse_compile.bench", 4),
+]
+
+
+def layer(module: str) -> int:
+    for prefix, rank in LAYERS:
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    return len(LAYERS)  # the package itself (re-exports everything)
+
+
 def main() -> int:
     edges, private = scan()
     # A package's __init__ re-exports its modules: edges into a package from its own members
@@ -93,11 +114,15 @@ def main() -> int:
     found = cycles(edges)
     for comp in found:
         print("import cycle:", " <-> ".join(comp))
+    upward = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+              for m, ds in sorted(edges.items()) for d in sorted(ds) if layer(d) > layer(m)]
+    for line in upward:
+        print("upward import:", line)
     for line in private:
         print("private import:", line)
-    if not found and not private:
-        print(f"{len(edges)} modules: no import cycle, no cross-module private import")
-    return 1 if found or private else 0
+    if not found and not private and not upward:
+        print(f"{len(edges)} modules: no import cycle, no upward import, no cross-module private import")
+    return 1 if found or private or upward else 0
 
 
 if __name__ == "__main__":

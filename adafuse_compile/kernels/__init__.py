@@ -5,7 +5,7 @@ impl and a Triton kernel for CUDA (``*_triton.py``, imported only when a CUDA te
 """
 
 from .lora_moe_linear import check_lora_moe_args, lora_moe_linear
-from .merge_switch import merge_rebase_, merge_switch_, switch_coefficients
+from .merge_ops import merge_rebase_, merge_switch_, switch_coefficients
 
 __all__ = [
     "check_lora_moe_args",

@@ -9,7 +9,7 @@ reading positions::
 
 They run at every step of the compiled model (Inductor traces through them into the custom ops
 of :mod:`adafuse_compile.kernels` or plain torch ops), so they are stateless: per-step state
-lives in :mod:`adafuse_compile.merge_state`, reached by a group id.
+lives in :mod:`adafuse_compile.runtime.merge_state`, reached by a group id.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..kernels import lora_moe_linear
 from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
-from ..kernels.switched_linear import group_decide, group_site_linear
+from ..runtime.switched_ops import group_decide, group_site_linear
 
 __all__ = ["canonical_A", "canonical_B", "fused_site", "group_decision", "group_site", "hoisted_logits",
            "is_call", "router_logits", "site_operands"]

@@ -15,7 +15,7 @@ After (``strategy`` ``"merge"`` or ``"auto"``)::
     ...
 
 ``group_decision`` picks the step's mode at run time (merged needs one decision for every token
-of the step; ``"auto"`` also asks :mod:`adafuse_compile.cost_model`), and merges the whole group
+of the step; ``"auto"`` also asks :mod:`adafuse_compile.runtime.cost_model`), and merges the whole group
 in one call; each ``group_site`` is a plain linear on the merged copy or the fused op. With
 ``strategy="fused"`` the graph is left as the fusion pass made it; the group is still reported.
 """
@@ -27,9 +27,9 @@ import logging
 
 import torch.fx as fx
 
-from ..cost_model import CostModel, GroupShape
-from ..kernels.switched_linear import register_group
-from ..merge_state import SwitchedGroup
+from ..runtime.cost_model import CostModel, GroupShape
+from ..runtime.switched_ops import register_group
+from ..runtime.merge_state import SwitchedGroup
 from .canonical import node_value_meta
 from .fuse_mole import SITE_META
 from .graph_ops import fused_site, group_decision, group_site, is_call

@@ -335,26 +335,12 @@ def _differ(a, b) -> bool:
     return hint(a) != hint(b)
 
 
-def inline_linear_modules(gm: fx.GraphModule) -> None:
-    """``call_module`` nodes of ``nn.Linear`` (``symbolic_trace`` graphs) become ``F.linear`` on
-    ``get_attr`` parameters, the form Dynamo produces, so one site finder serves both."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
-            continue
-        mod = gm.get_submodule(node.target)
-        with gm.graph.inserting_before(node):
-            w = gm.graph.get_attr(f"{node.target}.weight")
-            b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-            lin = gm.graph.call_function(F.linear, (node.args[0], w, b))
-        lin.meta.update(node.meta)
-        node.replace_all_uses_with(lin)
-        gm.graph.erase_node(node)
-
-
 def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], list[Rejected]]:
-    """Candidate sites in graph order, and linears with extra terms that were rejected (with why)."""
-    if any(n.op == "call_module" for n in gm.graph.nodes):
-        inline_linear_modules(gm)
+    """Candidate sites in graph order, and linears with extra terms that were rejected (with why).
+
+    Reads the graph only. Linears are ``F.linear`` calls: a ``symbolic_trace`` graph's
+    ``nn.Linear`` modules become those in :class:`~.normalize.NormalizeLinearsPass` first.
+    """
     params = parameter_values(gm, example_inputs)
     dependence = _Dependence(params)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

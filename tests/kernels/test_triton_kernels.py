@@ -23,9 +23,9 @@ from lora_cases import lora_reference  # noqa: E402
 from lora_cases import make_lora_case as _make_lora_case  # noqa: E402
 
 from adafuse_compile.kernels import lora_moe_linear_triton as lml  # noqa: E402
-from adafuse_compile.kernels import merge_switch_triton as mst  # noqa: E402
+from adafuse_compile.kernels import merge_ops_triton as mst  # noqa: E402
 from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_triton  # noqa: E402
-from adafuse_compile.kernels.merge_switch_triton import merge_combination_triton  # noqa: E402
+from adafuse_compile.kernels.merge_ops_triton import merge_combination_triton  # noqa: E402
 from adafuse_compile.kernels.reference import merged_delta_ref  # noqa: E402
 from adafuse_compile.testing import assert_close_to_reference as assert_close  # noqa: E402
 

@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from adafuse_compile.models.layers import LoRAMoELinear
 from adafuse_compile.passes.graph_ops import fused_site
-from adafuse_compile.testing import assert_equivalent, check_pass, compile_and_capture, count_calls, mole_configs
+from adafuse_compile.testing import assert_rewrite, assert_equivalent, check_pass, compile_and_capture, count_calls, mole_configs
 
 # Ops that make up an unfused adapter: none may survive at a fused site.
 ADAPTER_OPS = (torch.functional.einsum, torch.einsum, torch.bmm, operator.getitem, torch.Tensor.index_add_)
@@ -32,8 +32,9 @@ def test_reference_layer_is_fused_and_matches_float64(cfg, seed):
                           rank=cfg["rank"], top_k=cfg["top_k"], gate=cfg["gate"],
                           shared_A=cfg["shared_A"], seed=seed).eval()
     x = torch.randn(*cfg["tokens"], cfg["in_f"])
-    graphs = assert_equivalent(layer, x, reduction=cfg["in_f"] + cfg["top_k"] * cfg["rank"])
-    (gm,) = graphs
+    (rw,) = assert_rewrite(layer, x, reduction=cfg["in_f"] + cfg["top_k"] * cfg["rank"],
+                           before=[torch.functional.einsum], after=[fused_site])
+    gm = rw.graph
     assert count_calls(gm, fused_site) == 1
     assert count_calls(gm, torch.functional.einsum, torch.einsum) == 0
     # The gather of experts by index is gone; the router's own topk/softmax stays.
@@ -179,6 +180,7 @@ def test_passes_apply_to_a_symbolic_trace_graph():
     x = torch.randn(5, 24)
     expected = gm(x)
     ShapeProp(gm).propagate(x)  # symbolic_trace records no shapes; the probes need them
+    adafuse_compile.passes.NormalizeLinearsPass()(gm)  # nn.Linear modules -> F.linear
     pass_ = adafuse_compile.passes.FuseMoLEPass()
     rewritten = check_pass(pass_, gm, x, reduction=30)
     assert [r.status for r in pass_.reports] == ["fused"]
@@ -288,15 +290,14 @@ def test_mixlora_dispatch_is_fused_by_adafuse_compile():
 
 
 def _capturing_backend(graphs, **options):
-    from adafuse_compile.backend import compile_rewritten, rewrite
-    from adafuse_compile.options import AdafuseOptions
-
-    opts = AdafuseOptions.from_dict({"inner": "eager", **options})
+    """The adafuse backend (inner eager) that keeps each rewritten graph."""
+    from adafuse_compile.backend import adafuse_backend, capture_rewrites
 
     def backend(gm, example_inputs):
-        rewritten = rewrite(gm, example_inputs, opts)
-        graphs.append(rewritten)
-        return compile_rewritten(rewritten, example_inputs, opts)
+        with capture_rewrites() as rewrites:
+            compiled = adafuse_backend(gm, example_inputs, options={"inner": "eager", **options})
+        graphs.extend(rw.graph for rw in rewrites)
+        return compiled
 
     return backend
 

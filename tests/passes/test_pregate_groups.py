@@ -9,9 +9,7 @@ from hypothesis import given, settings
 from torch import nn
 
 import adafuse_compile
-from adafuse_compile.cost_model import GAIN, CostModel, GroupShape, T
-from adafuse_compile.kernels import switched_linear
-from adafuse_compile.merge_state import SwitchedGroup
+from adafuse_compile.runtime import switched_ops
 from adafuse_compile.models import add_pregated_lora_moe, tiny_llama
 from adafuse_compile.models.layers import PreGate, PreGatedLoRAMoELinear
 from adafuse_compile.passes.graph_ops import fused_site
@@ -105,7 +103,7 @@ def test_merge_switch_decode_1000_steps_equals_eager_and_never_drifts():
     diffs = _decode(model, compiled, 1000)
     assert max(diffs) <= 1e-4, f"step {diffs.index(max(diffs))}: {max(diffs)}"
     # Dynamo compiles the prompt, then the one-token steps (static, then dynamic cache length).
-    states = [s for s in switched_linear._GROUPS.values() if s.merged is not None]
+    states = [s for s in switched_ops._GROUPS.values() if s.merged is not None]
     assert sum(s.merged_steps for s in states) >= 999  # every one-token step
     state = max(states, key=lambda s: s.merged_steps)
     # The model's weights are never touched; switching the copies back gives the backbone.
@@ -113,82 +111,6 @@ def test_merge_switch_decode_1000_steps_equals_eager_and_never_drifts():
     state.merged.unmerge()
     for merged, original in zip(state.merged.weights, state.merged.pristine):
         assert torch.equal(merged, original)
-
-
-def test_merge_drift_stays_bounded_without_rebase_from_the_model():
-    """The incremental switches alone (no re-base) over 1000 decisions stay within fp32 rounding."""
-    torch.manual_seed(0)
-    W = [torch.randn(32, 24), torch.randn(16, 32)]
-    As = [torch.randn(6, 3, 24) * 0.3, torch.randn(6, 3, 32) * 0.3]
-    Bs = [torch.randn(6, 32, 3) * 0.3, torch.randn(6, 16, 3) * 0.3]
-    copies = [w.clone() for w in W]
-    from adafuse_compile.merge_state import MergedGroup
-
-    group = MergedGroup(copies, As, Bs, [2.0, 2.0], pristine=W, rebase_every=10_000)
-    for _ in range(1000):
-        idx = torch.randperm(6)[:2]
-        group.switch(idx, torch.rand(2))
-    expected = [w + 2.0 * torch.einsum("k,kor,kri->oi", group.g, B[group.idx], A[group.idx])
-                for w, A, B in zip(W, As, Bs)]
-    for got, want in zip(group.weights, expected):
-        assert (got - want).abs().max() <= 1e-4
-
-
-def test_merge_strategy_falls_back_to_fused_when_tokens_disagree():
-    state = SwitchedGroup("merge", None)
-    W, A, B = torch.randn(5, 4), torch.randn(3, 2, 4), torch.randn(3, 5, 2)
-    state.step(torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), [W], [A], [B], [1.0])
-    assert not state.use_merged and state.merged is None  # no copies made for a fused step
-    state.step(torch.tensor([[0, 1], [0, 1]]), torch.ones(2, 2), [W], [A], [B], [1.0])
-    assert state.use_merged
-
-
-def _shape(sites=4, features=1024, bytes_per_element=4):
-    return GroupShape((features,) * sites, (features,) * sites, rank=8, k=2, experts=8,
-                      bytes_per_element=bytes_per_element)
-
-
-def test_cost_model_threshold_is_where_the_gain_changes_sign():
-    model = CostModel(_shape())
-    for rate in (1.0, 0.1, 0.01):
-        t = model.threshold(rate)
-        assert t is not None and model.merge_pays(t, rate) and (t == 1 or not model.merge_pays(t - 1, rate))
-    # Rarer switches make merging pay sooner; a decision that never changes pays from T=1.
-    assert model.threshold(1.0) > model.threshold(0.1) >= model.threshold(0.01) >= model.threshold(0.0) == 1
-    assert not model.merge_pays(0, 0.0)
-
-
-def test_cost_model_expressions():
-    """The gain grows with T (the fused op's extra work is per token; the switch is not), and
-    at p = 1 the switch moves twice the group's weight bytes."""
-    values = _shape().values()
-    gain = GAIN.subs(values)
-    p = [s for s in gain.free_symbols if s.name == "p"][0]
-    assert gain.free_symbols == {T, p}
-    samples = [float(gain.subs({T: t, p: 1.0})) for t in (1, 8, 64, 512, 4096)]
-    assert samples == sorted(samples)
-    model = CostModel(_shape())
-    assert model.estimate(1)["switch"] >= 2 * 4 * 1024 * 1024 * 4 / 18e9
-    assert model.estimate(1)["fused"] < model.estimate(1, 1.0)["merge"]  # T=1, new decision: fused
-    assert model.estimate(1, 0.0)["merge"] < model.estimate(1)["fused"]  # T=1, same decision: merged
-
-
-def test_auto_merges_once_the_decision_stops_changing():
-    """The guard uses the observed switch rate: a decision repeated step after step gets merged;
-    one that changes every step stays fused (T=1, this CPU's constants)."""
-    shape = GroupShape((64,), (64,), 4, 2, 4, 4)
-    W, A, B = torch.randn(64, 64), torch.randn(4, 4, 64), torch.randn(4, 64, 4)
-    state = SwitchedGroup("auto", CostModel(shape))
-    steady = (torch.tensor([[1, 3]]), torch.tensor([[0.6, 0.4]]))
-    modes = []
-    for _ in range(40):
-        state.step(*steady, [W], [A], [B], [1.0])
-        modes.append(state.use_merged)
-    assert not modes[0] and modes[-1]
-    changing = SwitchedGroup("auto", CostModel(shape))
-    for i in range(40):
-        changing.step(torch.tensor([[i % 4, (i + 1) % 4]]), torch.rand(1, 2), [W], [A], [B], [1.0])
-        assert not changing.use_merged
 
 
 def test_weights_changed_after_compilation_are_used_by_the_merged_path():

@@ -14,13 +14,13 @@ Two in-place ops over a group of sites that one gate decision drives (pre-gating
 update by about ``u/2 * |W'| + u * |delta|`` per element (the final store, plus the 16-bit
 rounding of the coefficient-scaled ``B``; the product itself accumulates in float32). Incremental
 switches add up: after ``n`` of them the bound is ``n`` times that, ~``n * 6e-8 * |W|`` in
-float32 but ~``n * 4e-3 * |W|`` in bfloat16. :class:`adafuse_compile.merge_state.MergedGroup`
+float32 but ~``n * 4e-3 * |W|`` in bfloat16. :class:`adafuse_compile.runtime.merge_state.MergedGroup`
 therefore re-bases from the pristine copy every ``rebase_every`` switches (every switch for 16-bit
 weights, where re-basing moves the same bytes anyway). tests/kernels/test_merge_switch.py checks
 both bounds over 1,000 (float32) and 300 (bfloat16) switches.
 
 CPU: one ``addmm`` per site over the stacked changed experts (rank ``m*r`` update).
-CUDA: one Triton launch for all sites (:mod:`adafuse_compile.kernels.merge_switch_triton`).
+CUDA: one Triton launch for all sites (:mod:`adafuse_compile.kernels.merge_ops_triton`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _merge_combination_torch(weights, sources, As, Bs, scales, expert_ids, coefs
 
 def _launch(weights, sources, As, Bs, scales, expert_ids, coefs) -> None:
     if weights and weights[0].is_cuda:
-        from .merge_switch_triton import merge_combination_triton  # imports triton only on GPU
+        from .merge_ops_triton import merge_combination_triton  # imports triton only on GPU
 
         merge_combination_triton(weights, sources, As, Bs, scales, expert_ids, coefs)
     else:

@@ -108,7 +108,7 @@ def test_failing_pass_warns_with_its_cause_and_the_graph_before_it_is_compiled(s
     assert count_calls(gm, fused_site) == 2
 
 
-def test_failing_pass_raises_when_strict(sabotaged):
+def test_failing_pass_raises_through_the_backend_when_strict(sabotaged):
     torch._dynamo.reset()
     fast = torch.compile(StyledMLP("mola").eval(), backend="adafuse", options={"inner": "eager", "strict": True})
     with pytest.raises(Exception, match="sabotaged on purpose"), torch.no_grad():
@@ -226,11 +226,12 @@ def _compiled_style(style):
         graphs = []
 
         def backend(gm, example_inputs):
-            from adafuse_compile.backend import compile_rewritten, rewrite
+            from adafuse_compile.backend import adafuse_backend, capture_rewrites
 
-            opts = AdafuseOptions.from_dict({"inner": "eager"})
-            graphs.append(rewrite(gm, example_inputs, opts))
-            return compile_rewritten(graphs[-1], example_inputs, opts)
+            with capture_rewrites() as rewrites:
+                compiled = adafuse_backend(gm, example_inputs, options={"inner": "eager"})
+            graphs.extend(rw.graph for rw in rewrites)
+            return compiled
 
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             fast = torch.compile(model, backend=backend, dynamic=False)

@@ -22,7 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .lora_moe_linear import lora_moe_linear
+from ..kernels.lora_moe_linear import lora_moe_linear
 
 __all__ = ["group_decide", "group_site_linear", "register_group"]
 

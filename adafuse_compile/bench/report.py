@@ -1,6 +1,6 @@
 """What ``adafuse-bench`` prints and writes: the table, the speed targets, JSON and the plot.
 
-Kept apart from the measuring (:mod:`adafuse_compile.bench`) so that the figures can be
+Kept apart from the measuring (:mod:`adafuse_compile.bench.cli`) so that the figures can be
 re-rendered from a JSON file without timing anything again.
 """
 

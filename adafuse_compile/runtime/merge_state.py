@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from .cost_model import CostModel
-from .kernels.merge_switch import merge_rebase_, merge_switch_
+from ..kernels.merge_ops import merge_rebase_, merge_switch_
 
 __all__ = ["MergedGroup", "SwitchedGroup", "default_rebase_every"]
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from adafuse_compile.backend import build_pass_manager, compile_rewritten, rewrite
+from adafuse_compile.backend import adafuse_backend, capture_rewrites
 from adafuse_compile.models import add_lora_moe, tiny_llama
-from adafuse_compile.options import AdafuseOptions
 from adafuse_compile.passes.graph_ops import fused_site
 from adafuse_compile.testing import compile_and_capture, count_calls, tolerance
 
@@ -20,14 +19,12 @@ def _ids(batch, seq, seed=0):
 
 def _recording_backend(graphs, reports, **options):
     """The adafuse backend (inner eager) that keeps each rewritten graph and its site reports."""
-    opts = AdafuseOptions.from_dict({"inner": "eager", **options})
-
     def backend(gm, example_inputs):
-        manager = build_pass_manager(opts, example_inputs)
-        rewritten = rewrite(gm, example_inputs, opts, manager)
-        graphs.append(rewritten)
-        reports.append([r for p in manager.passes for r in getattr(p, "reports", [])])
-        return compile_rewritten(rewritten, example_inputs, opts)
+        with capture_rewrites() as rewrites:
+            compiled = adafuse_backend(gm, example_inputs, options={"inner": "eager", **options})
+        graphs.extend(rw.graph for rw in rewrites)
+        reports.extend(rw.sites for rw in rewrites)
+        return compiled
 
     return backend
 

@@ -16,19 +16,18 @@ reported. Exit status 1 when a configuration that must match does not.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import dataclasses
 import fnmatch
-import logging
-import re
 import sys
 import time
 
 import torch
 
-from .bench_report import format_table, machine_info, speed_targets, write_json, write_plot
+from ..backend import capture_rewrites
+from .report import format_table, machine_info, speed_targets, write_json, write_plot
 from .decoding import DecodeResult, GreedyDecoder, compare_to_reference
-from .models import DEFAULT_TARGETS, add_lora_moe, add_pregated_lora_moe, tiny_llama
+from ..models import DEFAULT_TARGETS, add_lora_moe, add_pregated_lora_moe, tiny_llama
 from .timing import interleaved_medians
 
 __all__ = ["CONFIGS", "Config", "main", "select_configs"]
@@ -105,7 +104,7 @@ def add_styled_adapters(model: torch.nn.Module, style: str) -> torch.nn.Module:
     stacked ``LoRAMoELinear`` ("ours") or one of the project idioms of ``models.styles``."""
     if style == "ours":
         return add_lora_moe(model, **MOLE)
-    from .models.styles import STYLES
+    from ..models.styles import STYLES
 
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
@@ -158,41 +157,6 @@ class Progress:
             self._bar.close()
 
 
-class SiteLog(logging.Handler):
-    """Counts the passes' per-site lines ("adafuse: fused ...", "left", "folded", "merged") and
-    keeps their group lines (a pre-gate decision, its sites and strategy) while a configuration
-    compiles: what adafuse did, without a second capture by explain()."""
-
-    _STATUS = re.compile(r"^adafuse: (\w+) ")
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.counts: dict[str, int] = {}
-        self.groups: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        m = self._STATUS.match(message)
-        if m:
-            self.counts[m.group(1)] = self.counts.get(m.group(1), 0) + 1
-            if m.group(1) == "group":
-                self.groups.append(message[len("adafuse: "):])
-
-    @contextlib.contextmanager
-    def capture(self):
-        logger = logging.getLogger("adafuse_compile")
-        level, propagate = logger.level, logger.propagate
-        logger.addHandler(self)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # the per-site lines belong in the table, not on the terminal
-        try:
-            yield self
-        finally:
-            logger.removeHandler(self)
-            logger.setLevel(level)
-            logger.propagate = propagate
-
-
 def prepare(cfg: Config, model, forward, prompt, new_tokens: int, reference: DecodeResult | None):
     """Prefill, then the first (compiling) decode, teacher-forced on ``reference`` when given.
 
@@ -201,7 +165,7 @@ def prepare(cfg: Config, model, forward, prompt, new_tokens: int, reference: Dec
     """
     decoder = GreedyDecoder(model, forward, prompt, new_tokens)
     teacher = None if reference is None else reference.tokens
-    with SiteLog().capture() as sites:
+    with capture_rewrites() as rewrites:
         t0 = time.perf_counter()
         first = decoder.decode(teacher=teacher, keep_logits=True)
         t1 = time.perf_counter()
@@ -210,7 +174,16 @@ def prepare(cfg: Config, model, forward, prompt, new_tokens: int, reference: Dec
     check = None
     if reference is not None:
         check = {**compare_to_reference(first, reference), "exact_required": cfg.exact}
-    return decoder, first, compile_s, sites.counts, check
+    return decoder, first, compile_s, site_counts(rewrites), check
+
+
+def site_counts(rewrites) -> dict[str, int]:
+    """What the backend did to the graphs of one configuration: sites per status, routers
+    hoisted, pre-gate groups."""
+    counts = collections.Counter(s.status for rw in rewrites for s in rw.sites)
+    counts["hoisted"] = sum(len(h.routers) for rw in rewrites for h in rw.hoisted)
+    counts["group"] = sum(len(rw.groups) for rw in rewrites)
+    return {k: v for k, v in counts.items() if v}
 
 
 def profile_decode(decoder: GreedyDecoder, top: int = 15) -> list[dict]:
@@ -286,7 +259,7 @@ def parse_args(argv):
     ap.add_argument("--size", default="small", choices=["tiny", "small", "medium"],
                     help="random seeded Llama: small = hidden 512, 4 layers; medium = hidden 1024, 8 layers")
     ap.add_argument("--model", metavar="PATH", help="a local transformers checkpoint directory instead of --size")
-    from .models.styles import STYLES
+    from ..models.styles import STYLES
 
     ap.add_argument("--style", default="ours", choices=["ours", *STYLES],
                     help="how the per-layer MoLE adapters are written: ours, or a models.styles key (mola, ...)")
