@@ -14,7 +14,7 @@ __all__ = ["DYNAMO_SETTINGS", "compile", "refresh"]
 
 # Token-dispatch adapters (MixLoRA, MoLA: ``torch.where(mask)`` + ``index_add_``) call nonzero,
 # whose output size depends on the data. By default Dynamo breaks the graph there, and a break
-# inside the expert loop makes it run the whole forward eagerly (MEASUREMENTS.md: 18 breaks, 68
+# inside the expert loop makes it run the whole forward eagerly (shared/MEASUREMENTS.md: 18 breaks, 68
 # fragments per step on an 8-layer model). Capturing such ops gives one graph the passes can
 # rewrite: after fusion the nonzero calls are gone.
 DYNAMO_SETTINGS = {"capture_dynamic_output_shape_ops": True}

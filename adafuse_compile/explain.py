@@ -69,13 +69,15 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainReport:
+def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bool = False,
+            **kwargs) -> ExplainReport:
     """Capture ``model(*args, **kwargs)`` with Dynamo, run the adafuse passes, and report.
 
     The captured graphs are rewritten but never compiled: each graph runs once unrewritten (as
     eager would) so that Dynamo can continue past graph breaks. Capture uses the Dynamo
     settings of :func:`adafuse_compile.compile` (data-dependent dispatch such as ``nonzero`` is
-    captured), so the report says what that compile does. Call it in the grad mode you will
+    captured), so the report says what that compile does; ``plain_torch_compile=True`` reports
+    what ``torch.compile(model, backend="adafuse")`` does instead (such dispatch breaks the graph). Call it in the grad mode you will
     run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
     It resets Dynamo (``torch._dynamo.reset()``) before and after, so that every frame is
     captured afresh: models compiled earlier in the process recompile on their next call.
@@ -98,7 +100,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> ExplainRep
     torch._dynamo.reset()
     counters.clear()
     try:
-        with torch._dynamo.config.patch(DYNAMO_SETTINGS):  # as adafuse_compile.compile captures
+        with torch._dynamo.config.patch({} if plain_torch_compile else DYNAMO_SETTINGS):
             torch.compile(model, backend=collect)(*args, **kwargs)
         # A break Dynamo cannot split a frame at (one inside a loop) skips the whole frame: it
         # is counted as "unimplemented", not as a graph break, and the frame runs eagerly.

@@ -2,7 +2,7 @@
 
 One adapted linear (hidden 1024 -> 1024 by default, E=8, k=2, r=8, fp32), tokens T per call.
 Configurations run interleaved in one process (round-robin, median of per-round medians), as
-MEASUREMENTS.md prescribes for this noisy machine; ratios are to the plain base linear.
+shared/MEASUREMENTS.md (beside the repository) prescribes for this noisy machine; ratios are to the plain base linear.
 
     python benchmarks/bench_ops.py [--tokens 1,8] [--hidden 1024] [--rounds 15]
 """

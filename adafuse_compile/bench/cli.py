@@ -2,7 +2,7 @@
 
 Configurations (``--configs``, glob patterns over the keys below) decode the same prompt with a
 static KV cache; each is timed interleaved with the others in one process (round-robin, median
-over repeats: this machine drifts 5-10% between processes, MEASUREMENTS.md) and reported as
+over repeats: this machine drifts 5-10% between processes, shared/MEASUREMENTS.md) and reported as
 ms/token, tokens/s, compile time and the ratio to the backbone under Inductor. Outputs are
 checked: every configuration is run once teacher-forced on its group's reference (the first
 selected configuration of the same model, eager by default) and must choose the same tokens;

@@ -1,4 +1,5 @@
-"""Timing configurations side by side, the way this noisy machine needs (MEASUREMENTS.md).
+"""Timing configurations side by side, the way this noisy machine needs (shared/MEASUREMENTS.md,
+beside the repository).
 
 Separate processes drift 5-10% and single repeats stall 2-30x: configurations therefore run
 round-robin in one process, and each reports the median over rounds of its per-round median.

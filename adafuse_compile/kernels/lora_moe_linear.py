@@ -3,7 +3,7 @@
 ``y = x W^T + b + scale * sum_k g[:, k] * (x A[idx[:, k]]^T) B[idx[:, k]]^T``
 
 (definition and shape conventions: :mod:`adafuse_compile.kernels.reference`). Eager MoLE code
-spends ~70 small ops per adapted linear on this (MEASUREMENTS.md: ~300 us of dispatch per linear
+spends ~70 small ops per adapted linear on this (shared/MEASUREMENTS.md: ~300 us of dispatch per linear
 on the 2-core CPU); here it is one dispatcher call with a handful of large ops inside.
 
 Implementations:

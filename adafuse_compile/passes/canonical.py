@@ -117,7 +117,7 @@ def _descendants(node: fx.Node, within: list[fx.Node]) -> list[fx.Node]:
 
 
 def _gate_variant(kind: str, source: fx.Node | None, g: fx.Node | None) -> str:
-    """The gate variant (MISSION.md's names) from the nodes between the router and ``g``.
+    """The gate variant (the names of the README's glossary: softmax_topk, topk_softmax, dense, top_p) from the nodes between the router and ``g``.
 
     Only a label for reports: the rewrite reuses the model's own routing nodes whatever it is.
     """

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -48,7 +49,7 @@ class SiteReport:
     """What happened to one site (the rows of :func:`adafuse_compile.explain`)."""
 
     path: str
-    status: str  # "fused", "folded" or "left"
+    status: Literal["fused", "folded", "left"]
     reason: str
     experts: int | None = None
     k: int | None = None

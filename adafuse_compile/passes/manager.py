@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import os
 
@@ -35,10 +33,6 @@ class GraphPass:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs=None) -> None:
         raise NotImplementedError
 
-    def uuid(self) -> str:
-        """Hash of the pass's source, so compiled-graph caches invalidate when the pass changes."""
-        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
-
 
 class PassManager:
     """Runs passes in order. A failing pass leaves the graph as it was before that pass."""
@@ -68,9 +62,6 @@ class PassManager:
             if dump:
                 log.info("graph after %s:\n%s", p.name, gm.graph)
         return gm
-
-    def uuid(self) -> str:
-        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()
 
 
 def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:

@@ -18,10 +18,10 @@ time of a step is the roofline max(bytes / beta, flops / phi). Merging pays when
 
 whose right side grows with ``T``: the guard is ``T >= T*(p)`` on the runtime token count,
 evaluated at every step from a lambdified expression, so a new ``T`` or a new ``p`` never
-recompiles. ``p`` is observed at run time (:class:`adafuse_compile.merge_state.SwitchedGroup`).
+recompiles. ``p`` is observed at run time (:class:`adafuse_compile.runtime.merge_state.SwitchedGroup`).
 
-Machine constants for this project's 2-core CPU (MEASUREMENTS.md): ~18 GB/s effective for the
-memory-bound backbone, and ~100 GFLOP/s for the fp32 rank-``m*r`` updates of a switch. A switch
+Machine constants for this project's 2-core CPU (shared/MEASUREMENTS.md, beside the repository):
+~18 GB/s effective for the memory-bound backbone, and ~100 GFLOP/s for the fp32 rank-``m*r`` updates of a switch. A switch
 of the medium model's 56 sites (405 MB fp32, k=2, so up to 4 changed experts) is estimated at
 65 ms; measured 38-70 ms for 1-4 changed experts (benchmarks/bench_merge.py).
 """
@@ -35,7 +35,7 @@ import sympy
 
 __all__ = ["GroupShape", "CostModel", "CPU_BANDWIDTH", "CPU_FLOPS"]
 
-CPU_BANDWIDTH = 18e9  # bytes/s, MEASUREMENTS.md: the backbone's effective bandwidth here
+CPU_BANDWIDTH = 18e9  # bytes/s, shared/MEASUREMENTS.md: the backbone's effective bandwidth here
 CPU_FLOPS = 100e9  # flop/s, fp32 GEMM on 2 cores (AVX-512 FMA); fits the measured switch times
 
 T, p = sympy.symbols("T p", positive=True)

@@ -21,7 +21,7 @@ def default_rebase_every(dtype: torch.dtype) -> int:
     """Switches between re-bases so that drift stays below ~1.5e-5 * |W|.
 
     One incremental switch adds at most about one unit roundoff ``u`` of ``|W|`` (see
-    :mod:`adafuse_compile.kernels.merge_switch`). float32 (``u = 6e-8``): 256 switches ->
+    :mod:`adafuse_compile.kernels.merge_ops`). float32 (``u = 6e-8``): 256 switches ->
     ~1.5e-5. For 16-bit weights one switch already costs 4e-3 (bf16) or 5e-4 (fp16), so they
     re-base every time, which moves the same bytes as a switch.
     """

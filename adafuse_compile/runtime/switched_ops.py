@@ -3,7 +3,7 @@
 Two custom ops, so the choice is made at run time from the actual tokens (never a recompile):
 
 - ``adafuse::group_decide(idx, g, weights, As, Bs, scales, group)`` runs once per step before the
-  group's sites. It decides this step's mode (see :class:`adafuse_compile.merge_state.SwitchedGroup`)
+  group's sites. It decides this step's mode (see :class:`adafuse_compile.runtime.merge_state.SwitchedGroup`)
   and, if merged, switches the merged copies of *all* the group's weights to the step's decision
   in one call (``merge_switch_``/``merge_rebase_``: one Triton launch on CUDA). It returns a
   0-dim token that every site takes as input, which orders the sites after it in any compiler.
@@ -31,7 +31,7 @@ _NEXT_ID = itertools.count()
 
 
 def register_group(state) -> int:
-    """An id for ``state`` (a :class:`~adafuse_compile.merge_state.SwitchedGroup`); the caller keeps it alive."""
+    """An id for ``state`` (a :class:`~adafuse_compile.runtime.merge_state.SwitchedGroup`); the caller keeps it alive."""
     gid = next(_NEXT_ID)
     _GROUPS[gid] = state
     return gid

@@ -218,11 +218,13 @@ def test_mixlora_dispatch_under_plain_torch_compile_is_left_to_eager_and_stays_c
     x = torch.randn(2, 3, 48)
     with torch.no_grad():
         out, graphs = compile_and_capture(model, x)
-        report = adafuse_compile.explain(model, x)
+        report = adafuse_compile.explain(model, x, plain_torch_compile=True)
         torch.testing.assert_close(out, model(x))
+        compiled_report = adafuse_compile.explain(model, x)  # what adafuse_compile.compile does
     assert all(count_calls(gm, fused_site) == 0 for gm in graphs)
     assert report.graph_breaks >= 1 and report.count("fused") == 0
     assert "adafuse_compile.compile()" in str(report)  # says why, and what to do
+    assert compiled_report.graph_breaks == 0 and compiled_report.count("fused") == 2
 
 
 def test_real_peft_lora_model_is_fused_and_matches():
