@@ -27,10 +27,11 @@ import torch
 import torch.fx as fx
 
 from .graph_ops import canonical_A, canonical_B
-from .sites import Site, ancestors
-from .verify import ROUTING_LEAK, DecisionDraws, op_name, canonical_delta, draw_parameters, draw_probes, identity_holds, linearity_violation, replay
+from .sites import Site, ancestors, node_value_meta
+from .verify import (ROUTING_LEAK, DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds,
+                     linearity_violation, op_name, replay, site_reads)
 
-__all__ = ["Canonical", "canonicalize", "node_value_meta", "stack_experts"]
+__all__ = ["Canonical", "canonicalize", "stack_experts"]
 
 
 @dataclasses.dataclass
@@ -48,15 +49,6 @@ class Canonical:
     k: int
     scale: float
     gate: str  # see _gate_variant: softmax_topk, topk_softmax, top_p, topk, dense or static
-
-
-def node_value_meta(node: fx.Node):
-    """The example tensor (Dynamo, AOT) or TensorMetadata (ShapeProp) recorded on ``node``."""
-    for key in ("example_value", "val", "tensor_meta"):
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor) or hasattr(val, "shape") and hasattr(val, "dtype"):
-            return val
-    return None
 
 
 def _shape(node: fx.Node):
@@ -215,8 +207,7 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
     else:
         try:  # one replay on random values, for the shapes and dtypes of what the site computes
             gen = torch.Generator().manual_seed(0)
-            read = {m for n in site.nodes for m in n.all_input_nodes}
-            env = {**draw_parameters(params, read, gen), **shapes[0][1],
+            env = {**draw_parameters(params, site_reads(site), gen), **shapes[0][1],
                    site.x: torch.randn(x_shape, generator=gen, dtype=torch.float64)}
             with torch.random.fork_rng(devices=[]):
                 decisions = _decision_candidates(site, replay(gm, site, env))

@@ -31,11 +31,11 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from .canonical import Canonical, canonicalize, node_value_meta
+from .canonical import Canonical, canonicalize
 from .derived import StackedTensors, add_derived_input
 from .graph_ops import fused_site
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import ancestors, find_sites, is_inplace, needs_gradients, parameter_values, size_values
+from .sites import ancestors, find_sites, is_inplace, needs_gradients, node_value_meta, parameter_values, size_values
 
 log = logging.getLogger("adafuse_compile")
 

@@ -37,11 +37,10 @@ import math
 import torch
 import torch.fx as fx
 
-from .canonical import node_value_meta
 from .derived import StackedTensors, add_derived_input
 from .graph_ops import hoisted_logits, router_logits
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import is_linear, parameter_values
+from .sites import is_linear, node_value_meta, parameter_values
 from .verify import op_name
 
 log = logging.getLogger("adafuse_compile")

@@ -30,11 +30,10 @@ import torch.fx as fx
 from ..runtime.cost_model import CostModel, GroupShape
 from ..runtime.switched_ops import register_group
 from ..runtime.merge_state import SwitchedGroup
-from .canonical import node_value_meta
 from .fuse_mole import SITE_META
 from .graph_ops import fused_site, group_decision, group_site, is_call
 from .manager import KEEPALIVE, GraphPass
-from .sites import parameter_values
+from .sites import node_value_meta, parameter_values
 
 log = logging.getLogger("adafuse_compile")
 

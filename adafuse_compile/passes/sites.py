@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 __all__ = ["Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
-           "parameter_values", "size_values"]
+           "node_value_meta", "parameter_values", "size_values"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -67,6 +67,15 @@ class Rejected:
 
     path: str
     reason: str
+
+
+def node_value_meta(node: fx.Node):
+    """The example tensor (Dynamo, AOT) or TensorMetadata (ShapeProp) recorded on ``node``."""
+    for key in ("example_value", "val", "tensor_meta"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor) or hasattr(val, "shape") and hasattr(val, "dtype"):
+            return val
+    return None
 
 
 def ancestors(node: fx.Node, stop=frozenset()) -> set[fx.Node]:

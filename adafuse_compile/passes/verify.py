@@ -48,10 +48,11 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_delta_ref
-from .sites import Site, ancestors, is_inplace
+from .sites import Site, ancestors, is_inplace, node_value_meta
 
 __all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "ROUTING_LEAK", "DecisionDraws", "Probe", "canonical_delta",
-           "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay"]
+           "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay",
+           "site_reads"]
 
 # float64 replay of the site against float64 canonical math: both compute the same sums in other
 # orders, so they agree to ~1e-15 relative; any structural difference (a wrong expert, layout,
@@ -322,6 +323,11 @@ def _random_like(shape, dtype, gen) -> torch.Tensor:
     return t / math.sqrt(shape[-1]) if len(shape) >= 2 else t
 
 
+def site_reads(site: Site) -> set[fx.Node]:
+    """The values the adapter's replay reads (not the base linear's weight and bias)."""
+    return {m for n in site.nodes if n is not site.base for m in n.all_input_nodes}
+
+
 def draw_parameters(params: dict[fx.Node, torch.Tensor], read: set[fx.Node], gen) -> dict[fx.Node, torch.Tensor]:
     """Random float64 CPU tensors of the shapes of the parameters the site reads (never their values)."""
     return {n: _random_like(tuple(v.shape), v.dtype, gen) for n, v in params.items()
@@ -372,8 +378,15 @@ def _promote(value):
 def replay(gm: fx.GraphModule | None, site: Site, env: dict, override: Callable | None = None) -> dict:
     """Run the site's nodes in float64 on the CPU from ``env`` (its leaves' values); ``override``
     may replace a node's value after it is computed (the decision). Empty tensors are filled with
-    NaN, so a value read before anything wrote it cannot pass for zero."""
+    NaN, so a value read before anything wrote it cannot pass for zero. The base linear is exact
+    by construction and is not run: its value is zeros, so the replay computes the adapter alone
+    (and the base weight, often the largest tensor, is never drawn)."""
+    out_features = node_value_meta(site.base).shape[-1]
     for node in site.nodes:
+        if node is site.base:
+            x = env[site.x]
+            env[node] = torch.zeros(*x.shape[:-1], int(out_features), dtype=torch.float64)
+            continue
         args, kwargs = _promote(map_arg(node.args, env.__getitem__)), _promote(map_arg(node.kwargs, env.__getitem__))
         target = node.target
         if node.op == "call_method" and target in _DOWNCAST_METHODS:
@@ -388,8 +401,6 @@ def replay(gm: fx.GraphModule | None, site: Site, env: dict, override: Callable 
             raise NotImplementedError(f"cannot replay {node.op} node {node.name}")
         if op_name(node) in _EMPTY_MAKERS and isinstance(value, torch.Tensor) and value.is_floating_point():
             value.fill_(float("nan"))
-        if node is site.base:
-            value = torch.zeros_like(value)  # the base is exact by construction: probe the adapter alone
         if override is not None:
             value = override(node, value)
         env[node] = value
@@ -431,7 +442,7 @@ def draw_probes(gm, site: Site, params: dict, shapes: list[tuple[tuple, dict]], 
     are computed, ``covered()`` says whether every expert was drawn. Returns the probes, or a
     reason if the site cannot be replayed.
     """
-    read = {m for n in site.nodes for m in n.all_input_nodes}
+    read = site_reads(site)
     gen = torch.Generator().manual_seed(seed)
     probes: list[Probe] = []
     for shape, sizes in shapes:
