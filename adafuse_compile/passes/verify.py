@@ -26,7 +26,8 @@ such polynomial vanishes at a point drawn uniformly from a finite set ``S`` per 
 probability at most ``d / |S|``; float64 Gaussian draws make ``|S|`` effectively 2^52, so one
 draw wrongly accepts with probability below ``100 / 2^52 ~ 2e-14``, and every site is checked on
 at least :data:`MIN_PROBES` independent draws per token count. Which experts are chosen is
-discrete: the draws cover every expert (each at least once in every token count), and a site
+discrete: the draws are among the experts the router ranks (an expert table of another size is
+left), they cover every expert (each at least once in every token count), and a site
 whose code treats *combinations* of experts specially would still need such a combination to
 be drawn: that is the one thing sampled, stated in ``explain``'s reasons as "every expert
 drawn". The float64 replay redirects the site's casts to float64, so the check is of the math;
