@@ -76,8 +76,6 @@ def refresh() -> None:
     PEFT's ``hotswap_adapter``): call this after those. Without ``freeze`` nothing is cached and
     there is nothing to refresh.
     """
-    from .runtime.merge_state import SwitchedGroup
-    from .passes.derived import refresh_all
+    from .runtime import epoch
 
-    refresh_all()
-    SwitchedGroup.refresh_all()
+    epoch.advance()

@@ -7,29 +7,22 @@ version counter and storage pointer of the tensors it reads: in-place updates (`
 ``load_state_dict``) bump the version, ``param.data = new`` changes the storage, and a new tensor
 object is a new identity, so a stale value is never used, and an unchanged one costs a check per
 tensor. A write through ``.data`` changes none of these: the backend uses derived inputs
-only with ``freeze=True``, whose contract is that :func:`refresh_all` is called after such writes.
+only with ``freeze=True``, whose contract is that :func:`adafuse_compile.refresh` is called after
+such writes (it advances :mod:`adafuse_compile.runtime.epoch`, part of the cache key).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import weakref
 
 import torch
 import torch.fx as fx
 
+from ..runtime import epoch
 from .manager import DERIVED_INPUTS
 
-__all__ = ["DerivedInput", "StackedTensors", "add_derived_input", "refresh_all"]
-
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> derived input of a live graph
-
-
-def refresh_all() -> None:
-    """Forget every cached derived value: the next call recomputes from the live tensors."""
-    for d in list(_LIVE.values()):
-        d.forget()
+__all__ = ["DerivedInput", "StackedTensors", "add_derived_input"]
 
 
 @dataclasses.dataclass
@@ -43,20 +36,13 @@ class DerivedInput:
     _value: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def __post_init__(self) -> None:
-        _LIVE[id(self)] = self
-
-    def forget(self) -> None:
-        with self._lock:
-            self._tensors, self._versions, self._value = [], (), None
-
     def compute(self, *tensors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, inputs) -> torch.Tensor:
         tensors = [inputs[i] for i in self.positions]
         # The storage pointer too: ``param.data = new`` swaps it without bumping ``_version``.
-        versions = tuple((t._version, t.data_ptr()) for t in tensors)
+        versions = (epoch.current(), *((t._version, t.data_ptr()) for t in tensors))
         with self._lock:  # two threads calling one compiled graph
             same = len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors))
             if not same or versions != self._versions:

@@ -11,6 +11,7 @@ import weakref
 
 import torch
 
+from . import epoch
 from .cost_model import CostModel
 from ..kernels.merge_ops import merge_rebase_, merge_switch_
 
@@ -116,21 +117,19 @@ class SwitchedGroup:
     (also ask the cost model, with the observed rate of decision changes). The model's weights
     are never modified: the decision is merged into copies (made at the first merged step, so a
     group that never merges costs no memory), re-based from the model's weights; copies made
-    from weights that have since changed (new tensors, or in-place updates) are rebuilt, and
-    :meth:`refresh_all` drops them all (after writes through ``.data``). The state is per
+    from weights that have since changed (new tensors, in-place updates, or a call of
+    :func:`adafuse_compile.refresh` after writes through ``.data``) are rebuilt. The state is per
     thread; one group object serves every graph compiled for the same weights (:meth:`shared`),
     so recompiling does not add copies.
     """
 
     _shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-    _all: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, strategy: str, cost: CostModel | None) -> None:
         if strategy not in ("merge", "auto") or (strategy == "auto" and cost is None):
             raise ValueError(f"strategy must be 'merge', or 'auto' with a cost model, got {strategy!r}")
         self.strategy, self.cost = strategy, cost
         self._local = _PerThread()
-        SwitchedGroup._all.add(self)
 
     @classmethod
     def shared(cls, strategy: str, cost: CostModel | None, weights: list[torch.Tensor]) -> "SwitchedGroup":
@@ -140,12 +139,6 @@ class SwitchedGroup:
         if group is None:
             group = cls._shared[key] = cls(strategy, cost)
         return group
-
-    @classmethod
-    def refresh_all(cls) -> None:
-        """Drop every group's merged copies (in this thread); the next merged step rebuilds them."""
-        for group in list(cls._all):
-            group._local.merged, group._local.sources = None, ()
 
     @property
     def merged(self) -> MergedGroup | None:
@@ -198,7 +191,7 @@ class SwitchedGroup:
 
     def _merged_group(self, weights, As, Bs, scales) -> MergedGroup:
         local = self._local
-        sources = tuple((id(t), t._version, t.data_ptr()) for t in (*weights, *As, *Bs))
+        sources = (epoch.current(), *((id(t), t._version, t.data_ptr()) for t in (*weights, *As, *Bs)))
         if local.merged is None or sources != local.sources:
             copies = [w.detach().clone() for w in weights]
             local.merged = MergedGroup(copies, [a.detach() for a in As], [b.detach() for b in Bs], scales,

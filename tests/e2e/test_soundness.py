@@ -9,7 +9,6 @@ fused or folded; the output must always be eager's.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import re
 import sys
@@ -220,11 +219,8 @@ def _pregated_llama():
 
 
 def _merge_options() -> dict:
-    """strategy="merge", plus freeze=True where the backend makes merging opt-in through it."""
-    options = {"inner": "eager", "strategy": "merge"}
-    if "freeze" in {f.name for f in dataclasses.fields(adafuse_compile.AdafuseOptions)}:
-        options["freeze"] = True
-    return options
+    """strategy="merge" caches merged weights, so it needs freeze=True."""
+    return {"inner": "eager", "strategy": "merge", "freeze": True}
 
 
 def _tokens_with_different_decisions(model, n: int = 2) -> list[int]:
@@ -448,3 +444,50 @@ def test_negative_expert_index_at_run_time_follows_eager():
         assert_matches_eager(fast(x), model(x))
         big = x * 20
         assert_matches_eager(fast(big), model(big), msg="idx = -1 at run time")
+
+
+# --- the freeze contract: refresh() after writes through .data -----------------------------------
+
+def test_refresh_after_a_data_write_refolds_under_freeze():
+    model = StaticLoRA().eval()
+    x = inputs(32, 3, seed=0)
+    options = {"inner": "eager", "freeze": True}
+    assert [s.status for s in _explain(model, x, **options).sites] == ["folded"]
+    fast = torch.compile(model, backend="adafuse", options=options)
+    with torch.no_grad():
+        assert_matches_eager(fast(x), model(x))
+        model.lora_B.weight.data.mul_(3.0)  # no version bump, no new storage: the fold cannot see it
+        adafuse_compile.refresh()
+        assert_matches_eager(fast(x), model(x), msg="after refresh()")
+
+
+def test_refresh_reaches_merged_copies_of_every_thread():
+    """A worker thread merged the decision into its own copies; refresh() called in the main
+    thread must invalidate them too (one epoch every cache keys on, not a walk over this
+    thread's state)."""
+    model = _pregated_llama()
+    ids = torch.full((1, 4), _tokens_with_different_decisions(model)[0])
+    fast = torch.compile(model, backend="adafuse", options=_merge_options())
+    got: list[torch.Tensor] = []
+    go = [threading.Event(), threading.Event()]
+    done = [threading.Event(), threading.Event()]
+
+    def worker() -> None:  # one thread for both steps: its merged copies persist between them
+        for step in range(2):
+            go[step].wait()
+            with torch.no_grad():
+                got.append(fast(ids).logits)
+            done[step].set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for step in range(2):
+        go[step].set()
+        done[step].wait()
+        with torch.no_grad():
+            assert_matches_eager(got[-1], model(ids).logits, msg=f"step {step}")
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.data.mul_(-2.0)  # merged copies cannot see this without refresh()
+        adafuse_compile.refresh()
+    thread.join()
