@@ -28,8 +28,8 @@ import torch.fx as fx
 
 from .graph_ops import canonical_A, canonical_B
 from .sites import Site, ancestors, node_value_meta
-from .verify import (ROUTING_LEAK, DecisionDraws, canonical_delta, draw_parameters, draw_probes, identity_holds,
-                     linearity_violation, op_name, replay, site_reads)
+from .verify import (ROUTING_LEAK, DecisionDraws, canonical_delta, draw_probes, identity_holds, linearity_violation,
+                     op_name, replay_failure, replay_random)
 
 __all__ = ["Canonical", "canonicalize", "stack_experts"]
 
@@ -206,13 +206,10 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
         decisions = _external_decisions(site)
     else:
         try:  # one replay on random values, for the shapes and dtypes of what the site computes
-            gen = torch.Generator().manual_seed(0)
-            env = {**draw_parameters(params, site_reads(site), gen), **shapes[0][1],
-                   site.x: torch.randn(x_shape, generator=gen, dtype=torch.float64)}
-            with torch.random.fork_rng(devices=[]):
-                decisions = _decision_candidates(site, replay(gm, site, env))
+            _, values = replay_random(gm, site, params, *shapes[0], torch.Generator().manual_seed(0))
         except Exception as e:  # model code: anything can raise
-            return None, f"could not replay the site in float64 ({type(e).__name__}: {e})"
+            return None, replay_failure(e)
+        decisions = _decision_candidates(site, values)
     routing = set().union(*(ancestors(source) for *_, source in decisions if source is not None))
     if not site.externals:
         decisions.append((None, None, 1, "static", None))  # one adapter, no router (PEFT's LoRA)
@@ -245,7 +242,7 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
                 if scale is not None:
                     variant = _gate_variant(gate, source, g) if not site.externals else gate
                     return (Canonical(idx, g, A, B, A_layout, B_layout, E, r, k, scale, variant),
-                            _proof(len(probes), [s for s, _ in shapes], E, gate))
+                            _proof(len(probes), [s for s, _ in shapes], gate))
     if reasons:  # the most specific decision's, unless it only blames the routing (a wrong candidate)
         return None, sorted(reasons, key=lambda r: r.startswith(ROUTING_LEAK))[0]
     if len(decisions) == 1 and not site.externals:
@@ -266,7 +263,7 @@ def _router_width(topk: fx.Node) -> int | None:
     return shape[-1] if shape else None
 
 
-def _proof(probes: int, shapes: list[tuple], E: int, gate: str) -> str:
+def _proof(probes: int, shapes: list[tuple], gate: str) -> str:
     tokens = ", ".join(str(math.prod(s[:-1])) for s in shapes)
     drawn = "every expert drawn" if gate not in ("static", "dense", "pre-gated dense") else "every expert weighted"
     return f"proved: linear for a fixed decision; equal on {probes} random draws at T={tokens}; {drawn}"
@@ -346,16 +343,15 @@ def _canonical_fn(site: Site, experts, idx_node, g_node, E: int, in_f: int):
     def canonical(probe):
         A_t, B_t = stack_experts(A, A_layout, B, B_layout, probe.values)
         x = probe.x.reshape(-1, in_f)
-        if g_node is None:
+        if g_node is None:  # static LoRA: the one adapter, weight 1, for every token
             g = torch.ones(x.shape[0], 1, dtype=torch.float64)
+            idx = torch.zeros_like(g, dtype=torch.int64)
         else:
             g = probe.values[g_node].reshape(-1, probe.values[g_node].shape[-1])
+            idx = torch.arange(E).expand(g.shape[0], E) if idx_node is None else \
+                probe.values[idx_node].reshape(-1, g.shape[-1])
         if B_t.shape[0] != E or g.shape[0] != x.shape[0]:
             return torch.full((0,), float("nan"))
-        idx = torch.arange(E).expand(g.shape[0], E) if idx_node is None else \
-            probe.values[idx_node].reshape(-1, g.shape[-1])
-        if g_node is None:
-            idx = torch.zeros_like(g, dtype=torch.int64)
         return canonical_delta(x, A_t, B_t, idx, g)
 
     return canonical

@@ -53,7 +53,7 @@ from .sites import Site, ancestors, is_inplace, node_value_meta
 
 __all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "ROUTING_LEAK", "DecisionDraws", "Probe", "canonical_delta",
            "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay",
-           "site_reads"]
+           "replay_failure", "replay_random", "site_reads"]
 
 # float64 replay of the site against float64 canonical math: both compute the same sums in other
 # orders, so they agree to ~1e-15 relative; any structural difference (a wrong expert, layout,
@@ -319,7 +319,7 @@ class Probe:
     values: dict  # node -> value of the replay (the decision nodes among them)
 
 
-def _random_like(shape, dtype, gen) -> torch.Tensor:
+def _random_like(shape, gen) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, dtype=torch.float64)
     return t / math.sqrt(shape[-1]) if len(shape) >= 2 else t
 
@@ -331,7 +331,7 @@ def site_reads(site: Site) -> set[fx.Node]:
 
 def draw_parameters(params: dict[fx.Node, torch.Tensor], read: set[fx.Node], gen) -> dict[fx.Node, torch.Tensor]:
     """Random float64 CPU tensors of the shapes of the parameters the site reads (never their values)."""
-    return {n: _random_like(tuple(v.shape), v.dtype, gen) for n, v in params.items()
+    return {n: _random_like(tuple(v.shape), gen) for n, v in params.items()
             if n in read and isinstance(v, torch.Tensor)}
 
 
@@ -443,7 +443,6 @@ def draw_probes(gm, site: Site, params: dict, shapes: list[tuple[tuple, dict]], 
     are computed, ``covered()`` says whether every expert was drawn. Returns the probes, or a
     reason if the site cannot be replayed.
     """
-    read = site_reads(site)
     gen = torch.Generator().manual_seed(seed)
     probes: list[Probe] = []
     for shape, sizes in shapes:
@@ -453,16 +452,27 @@ def draw_probes(gm, site: Site, params: dict, shapes: list[tuple[tuple, dict]], 
             n += 1
             if n > 64 * MIN_PROBES:
                 return "could not draw decisions that choose every expert"
-            x = torch.randn(shape, generator=gen, dtype=torch.float64)
-            env = {**draw_parameters(params, read, gen), **sizes, site.x: x}
-            seed_decision(env)
             try:
-                with torch.random.fork_rng(devices=[]):
-                    values = replay(gm, site, env, override)
+                x, values = replay_random(gm, site, params, shape, sizes, gen, seed_decision, override)
             except Exception as e:  # model code: anything can raise
-                return f"could not replay the site in float64 ({type(e).__name__}: {e})"
+                return replay_failure(e)
             out = values[site.out]
             probes.append(Probe(x, out.reshape(-1, out.shape[-1]), values))
     return probes
 
 
+def replay_random(gm, site: Site, params: dict, shape: tuple, sizes: dict, gen, seed_decision=None,
+                  override=None) -> tuple[torch.Tensor, dict]:
+    """One replay of ``site`` on a random input of ``shape`` and random parameters:
+    ``(x, values)``. ``seed_decision(env)`` may set decisions read from elsewhere first."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    env = {**draw_parameters(params, site_reads(site), gen), **sizes, site.x: x}
+    if seed_decision is not None:
+        seed_decision(env)
+    with torch.random.fork_rng(devices=[]):
+        return x, replay(gm, site, env, override)
+
+
+def replay_failure(e: Exception) -> str:
+    """The reason a site is left when its replay raised."""
+    return f"could not replay the site in float64 ({type(e).__name__}: {e})"
