@@ -132,9 +132,12 @@ def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if example_inputs is not None:
         for node, value in zip(placeholders, example_inputs):
-            source = getattr(node.meta.get("grapharg"), "source", None)
-            is_param = isinstance(value, torch.nn.Parameter) or "_parameters[" in _source_name(source)
-            if is_param and isinstance(value, torch.Tensor):
+            source = _source_name(getattr(node.meta.get("grapharg"), "source", None))
+            is_param = isinstance(value, torch.nn.Parameter) or "_parameters[" in source
+            # A module buffer the graph never writes is a weight too (PEFT Arrow's router
+            # prototypes): read at every call, like a parameter, and drawn at random when probing.
+            is_buffer = "_buffers[" in source and not any(is_inplace(u) and u.args[0] is node for u in node.users)
+            if (is_param or is_buffer) and isinstance(value, torch.Tensor):
                 values[node] = value
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -166,7 +169,7 @@ def module_path(node: fx.Node) -> str:
         parts = node.target.split(".")
     else:
         src = _source_name(getattr(node.meta.get("grapharg"), "source", None))
-        parts = re.findall(r"_modules\['([^']+)'\]|_parameters\['([^']+)'\]", src)
+        parts = re.findall(r"_modules\['([^']+)'\]|_(?:parameters|buffers)\['([^']+)'\]", src)
         parts = [a or b for a, b in parts]
         if not parts:
             return node.name
@@ -279,7 +282,8 @@ def _slice(term: fx.Node, x: fx.Node, params: dict[fx.Node, torch.Tensor], from_
             continue  # a symbolic size (dynamic shapes): bound to its example value when probing
         if n.op == "placeholder" and _is_float_scalar(n):
             return None, None, None, n
-        if n not in from_x and dependence.on_activations(n) and not _adapts_decision(n, params):
+        if (n not in from_x and dependence.on_activations(n) and not _adapts_decision(n, params)
+                and not _selects_from_decision(n, x)):
             externals.append(n)
             continue
         if n.op in ("placeholder", "get_attr"):
@@ -308,6 +312,25 @@ def _adapts_decision(node: fx.Node, params) -> bool:
             source = node.args[1] if node.target is F.embedding else node.args[0]
             return source in params
     return False
+
+
+_SELECT_METHODS = ("select", "narrow", "unsqueeze", "squeeze", "view", "reshape")
+
+
+def _selects_from_decision(node: fx.Node, x: fx.Node) -> bool:
+    """Whether ``node`` takes a fixed part of a tensor that already has one row per token of ``x``
+    (``scalings[:, :, e]``, a column of a dense decision): the slice goes on to that tensor, so
+    that the columns a site reads one per expert become one decision ``[..., E]``."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(i, fx.Node) or not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index):
+            return False
+    elif not (node.op == "call_method" and node.target in _SELECT_METHODS):
+        return False
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    shape, x_shape = _rows(source) if source is not None else None, _rows(x)
+    dims = (node_value_meta(source).dim(), node_value_meta(x).dim()) if shape and x_shape else None
+    return bool(dims) and not _differ(shape[0], x_shape[0]) and (dims[0] == dims[1] or dims[0] == 2)
 
 
 def _is_float_scalar(node: fx.Node) -> bool:

@@ -1,0 +1,98 @@
+"""PEFT's own mixtures of LoRA experts under adafuse: X-LoRA, Arrow and Poly (real ``peft``).
+
+X-LoRA makes its decision in a first pass (a classifier on the hidden states) and hands it to
+every LoRA layer as a keyword argument injected by hooks: a dense weight per token and expert,
+optionally top-k masked inside the layer. Arrow routes by similarity to prototypes held in a
+buffer built lazily in the first forward. Both must be fused, with eager's output. Poly mixes
+the A and B matrices separately per task (``(sum w A)(sum w B)`` is not a sum of expert
+outputs): it must never be fused.
+"""
+
+import pytest
+import torch
+
+import adafuse_compile
+from adafuse_compile.models import tiny_llama
+from adafuse_compile.passes import graph_ops
+from adafuse_compile.testing import assert_rewrite
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj"]
+IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+OTHER_IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    """Paths of four saved LoRA adapters (random nonzero weights) of the tiny Llama."""
+    root = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for i in range(4):
+        torch.manual_seed(i)  # init_lora_weights=False draws from the global RNG
+        model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=2),
+                                    peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        model.save_pretrained(root / f"a{i}")
+        paths.append(str(root / f"a{i}"))
+    return paths
+
+
+def _xlora(paths, top_k, softmax):
+    torch.manual_seed(0)
+    base = tiny_llama("tiny", num_hidden_layers=2)
+    base.config.use_cache = False  # X-LoRA requires it
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, xlora_depth=1,
+                              adapters={str(i): p for i, p in enumerate(paths[:3])}, top_k_lora=top_k,
+                              enable_softmax_topk=softmax)
+    return peft.get_peft_model(base, config).eval()
+
+
+@pytest.mark.parametrize("top_k, softmax", [(None, False), (2, True)])
+def test_xlora_decision_from_the_scaling_pass_is_fused(saved_adapters, top_k, softmax):
+    model = _xlora(saved_adapters, top_k, softmax)
+    with torch.no_grad():
+        report = adafuse_compile.explain(model, input_ids=IDS)
+    # X-LoRA's hooks split the forward into several graphs (a site may be seen in more than one)
+    assert {s.path.split("layers.")[-1] for s in report.sites} == {f"{i}.self_attn.{p}" for i in (0, 1)
+                                                                  for p in TARGETS}, str(report)
+    assert all(s.status == "fused" and s.gate == "pre-gated dense" and s.experts == 3 for s in report.sites), \
+        str(report)
+    assert_rewrite(model, input_ids=IDS, after=(graph_ops.fused_site,))
+    fast = adafuse_compile.compile(model, inner="eager")
+    with torch.no_grad():  # another input, so another decision: read at run time, not baked in
+        for ids in (IDS, OTHER_IDS):
+            torch.testing.assert_close(fast(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_arrow_router_in_a_lazily_built_buffer_is_fused(saved_adapters):
+    from peft import ArrowConfig
+    from peft.tuners.lora.arrow import create_arrow_model
+
+    torch.manual_seed(0)
+    model = create_arrow_model(tiny_llama("tiny", num_hidden_layers=2), saved_adapters, ArrowConfig(top_k=2)).eval()
+    with torch.no_grad():
+        model(input_ids=IDS)  # builds the prototypes
+        report = adafuse_compile.explain(model, input_ids=IDS)
+    assert [s.status for s in report.sites] == ["fused"] * 4, str(report)
+    assert all(s.experts == 4 for s in report.sites)
+    assert_rewrite(model, input_ids=OTHER_IDS, after=(graph_ops.fused_site,))
+
+
+def test_poly_mixes_A_and_B_per_task_and_is_never_fused():
+    torch.manual_seed(0)
+    config = peft.PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=3, n_skills=4, n_splits=1, target_modules=TARGETS)
+    model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=1), config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "poly" in name:
+                p.normal_()
+        tasks = torch.tensor([0, 2])
+        report = adafuse_compile.explain(model, input_ids=IDS, task_ids=tasks)
+        expected = model(input_ids=IDS, task_ids=tasks).logits
+        got = adafuse_compile.compile(model, inner="eager")(input_ids=IDS, task_ids=tasks).logits
+    torch._dynamo.reset()
+    assert report.count("fused") == report.count("folded") == 0
+    assert report.sites or "no adapter site found" in str(report)
+    assert all(s.reason for s in report.sites)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
