@@ -18,7 +18,7 @@ import torch.fx
 
 from .options import AdafuseOptions
 from .passes import (FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, NormalizeLinearsPass,
-                     PassManager)
+                     PassManager, SliceLinearRowsPass)
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
 from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
@@ -74,7 +74,7 @@ def _publish(rw: Rewrite) -> None:
 
 def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
-    passes = [NormalizeLinearsPass()]
+    passes = [NormalizeLinearsPass(), SliceLinearRowsPass()]
     if opts.fold and opts.freeze:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:

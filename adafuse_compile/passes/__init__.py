@@ -2,7 +2,8 @@
 
 :class:`PassManager` only orders and runs passes; the backend builds it from the options.
 Passes, in order: :class:`NormalizeLinearsPass` (``nn.Linear`` modules -> ``F.linear``; apply it
-first to a ``symbolic_trace`` graph), :class:`FoldStaticLoRAPass` (static LoRA into the base weight),
+first to a ``symbolic_trace`` graph), :class:`SliceLinearRowsPass` (a linear read in row slices
+computes those rows only), :class:`FoldStaticLoRAPass` (static LoRA into the base weight),
 :class:`FuseMoLEPass` (find sites, prove each rewrite, one fused op per site),
 :class:`HoistRoutersPass` (routers reading one tensor: one batched matmul, bitwise-equal logits),
 :class:`MergeSwitchPass` (the sites of one pre-gate decision: a group that merges or fuses per step).
@@ -13,8 +14,8 @@ from .fuse_mole import FuseMoLEPass, SiteReport
 from .hoist_routers import HoistRoutersPass
 from .manager import GraphPass, PassManager
 from .merge_switch import GroupReport, MergeSwitchPass
-from .normalize import NormalizeLinearsPass
+from .normalize import NormalizeLinearsPass, SliceLinearRowsPass
 from .sites import Site, find_sites
 
-__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "Site",
+__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "Site", "SliceLinearRowsPass",
            "SiteReport", "find_sites"]

@@ -22,13 +22,19 @@ from ..kernels import lora_moe_linear
 from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
 from ..runtime.switched_ops import group_decide, group_site_linear
 
-__all__ = ["canonical_A", "canonical_B", "fused_site", "group_decision", "group_site", "hoisted_logits",
+__all__ = ["canonical_A", "canonical_B", "empty_linear_output", "fused_site", "group_decision", "group_site", "hoisted_logits",
            "is_call", "router_logits", "site_operands"]
 
 
 def is_call(node: fx.Node, fn) -> bool:
     """Whether ``node`` calls ``fn`` (one of this module's functions)."""
     return node.op == "call_function" and node.target is fn
+
+
+def empty_linear_output(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``torch.empty_like(F.linear(x, weight), **kwargs)`` without computing the linear."""
+    return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=kwargs.get("dtype") or x.dtype,
+                       device=kwargs.get("device") or x.device)
 
 
 def canonical_A(A, layout: str) -> torch.Tensor:

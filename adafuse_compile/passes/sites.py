@@ -168,13 +168,16 @@ def module_path(node: fx.Node) -> str:
     if node.op == "get_attr":
         parts = node.target.split(".")
     else:
+        # L['self']._modules['model'].layers_[0].wq_._parameters['weight'] (modules, plain
+        # attributes, lists and dicts: MoE-PEFT keeps its layers in lists and objects)
         src = _source_name(getattr(node.meta.get("grapharg"), "source", None))
-        parts = re.findall(r"_modules\['([^']+)'\]|_(?:parameters|buffers)\['([^']+)'\]", src)
-        parts = [a or b for a, b in parts]
+        src = re.sub(r"^[LG]\['[^']*'\]", "", src)
+        parts = [next(p for p in m if p) for m in re.findall(
+            r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]", src)]
         if not parts:
             return node.name
     parts = parts[:-1]  # the parameter's own name
-    if parts and parts[-1] == "base_layer":  # PEFT's and our naming: the site is the wrapper
+    if parts and parts[-1] in ("base_layer", "base_layer_"):  # PEFT's, MoE-PEFT's and our naming: the wrapper
         parts = parts[:-1]
     return ".".join(parts)
 
