@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .options import AdafuseOptions
-from .passes import (FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, NormalizeLinearsPass,
+from .passes import (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, NormalizeLinearsPass,
                      PassManager, SliceLinearRowsPass)
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
@@ -75,6 +75,8 @@ def _publish(rw: Rewrite) -> None:
 def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
     passes = [NormalizeLinearsPass(), SliceLinearRowsPass()]
+    if opts.fuse:
+        passes.append(BatchTokenDispatchPass(freeze=opts.freeze))
     if opts.fold and opts.freeze:
         passes.append(FoldStaticLoRAPass())
     if opts.fuse:
@@ -142,7 +144,7 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOp
     graph = manager(torch.fx.GraphModule(gm, copy_graph(gm)), example_inputs)
     sites, groups, hoisted = [], [], []
     for p in manager.passes:
-        if isinstance(p, (FoldStaticLoRAPass, FuseMoLEPass)):
+        if isinstance(p, (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass)):
             sites.extend(p.reports)
         elif isinstance(p, MergeSwitchPass):
             groups.extend(p.reports)

@@ -9,6 +9,7 @@ computes those rows only), :class:`FoldStaticLoRAPass` (static LoRA into the bas
 :class:`MergeSwitchPass` (the sites of one pre-gate decision: a group that merges or fuses per step).
 """
 
+from .dispatch import BatchTokenDispatchPass
 from .fold_lora import FoldStaticLoRAPass
 from .fuse_mole import FuseMoLEPass, SiteReport
 from .hoist_routers import HoistRoutersPass
@@ -17,5 +18,5 @@ from .merge_switch import GroupReport, MergeSwitchPass
 from .normalize import NormalizeLinearsPass, SliceLinearRowsPass
 from .sites import Site, find_sites
 
-__all__ = ["FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "Site", "SliceLinearRowsPass",
+__all__ = ["BatchTokenDispatchPass", "FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "Site", "SliceLinearRowsPass",
            "SiteReport", "find_sites"]

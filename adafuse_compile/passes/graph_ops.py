@@ -22,7 +22,7 @@ from ..kernels import lora_moe_linear
 from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
 from ..runtime.switched_ops import group_decide, group_site_linear
 
-__all__ = ["canonical_A", "canonical_B", "empty_linear_output", "fused_site", "group_decision", "group_site", "hoisted_logits",
+__all__ = ["canonical_A", "canonical_B", "dispatch_rows", "empty_linear_output", "expert_linear", "fused_site", "group_decision", "group_site", "hoisted_logits",
            "is_call", "router_logits", "site_operands"]
 
 
@@ -35,6 +35,35 @@ def empty_linear_output(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torc
     """``torch.empty_like(F.linear(x, weight), **kwargs)`` without computing the linear."""
     return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=kwargs.get("dtype") or x.dtype,
                        device=kwargs.get("device") or x.device)
+
+
+def dispatch_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, slots, experts)`` of every (token, slot) pair of a top-k decision ``sel [T, k]``,
+    token-major: row ``t * k + j`` is token ``t``'s ``j``-th choice, expert ``sel[t, j]``."""
+    tokens, k = sel.shape
+    rows = torch.arange(tokens, device=sel.device).repeat_interleave(k)
+    slots = torch.arange(k, device=sel.device).repeat(tokens)
+    return rows, slots, sel.reshape(-1)
+
+
+def expert_linear(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(h[n], weights[experts[n]])`` for every row ``n``: each row with its own expert's
+    weight (``weights [E, out, in]``, low-rank factors: one side is an adapter's rank).
+
+    Computed as one matmul over all experts' columns (E * min(out, in) of them) rather than a
+    gather of a weight matrix per row: for an A (``out`` = r) all experts' products, then each
+    row's block; for a B (``in`` = r) each row's input in its expert's block of an E * r wide
+    row (zeros elsewhere), times all experts' B side by side.
+    """
+    E, out_f, in_f = weights.shape
+    n = h.shape[0]
+    if out_f <= in_f:
+        z = (h @ weights.reshape(E * out_f, in_f).t()).view(n, E, out_f)
+        y = z.gather(1, experts.view(n, 1, 1).expand(n, 1, out_f)).squeeze(1)
+    else:
+        block = F.one_hot(experts, E).to(h.dtype)
+        y = (block[:, :, None] * h[:, None, :]).reshape(n, E * in_f) @ weights.permute(0, 2, 1).reshape(E * in_f, out_f)
+    return y if bias is None else y + bias
 
 
 def canonical_A(A, layout: str) -> torch.Tensor:

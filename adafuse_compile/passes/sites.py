@@ -34,10 +34,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
+__all__ = ["REWRITTEN_META", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
            "node_value_meta", "parameter_values", "size_values"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+# node.meta key of the nodes a pass already rewrote into a batched form (the module path): they
+# are no candidate sites of their own.
+REWRITTEN_META = "adafuse_rewritten"
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 
@@ -382,7 +385,7 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
     sites: list[Site] = []
     rejected: list[Rejected] = []
     for base in gm.graph.nodes:
-        if not is_linear(base) or len(base.args) < 2 or base.args[1] not in params:
+        if not is_linear(base) or len(base.args) < 2 or base.args[1] not in params or REWRITTEN_META in base.meta:
             continue
         x, weight = base.args[0], base.args[1]
         bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
