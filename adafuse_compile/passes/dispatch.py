@@ -49,8 +49,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .fuse_mole import SiteReport, remove_unused
-from .graph_ops import dispatch_rows, expert_linear
-from .sites import REWRITTEN_META, is_inplace, is_linear, module_path, node_value_meta, parameter_values
+from .graph_ops import dispatch_rows, expert_linear, rows_where
+from .sites import REWRITTEN_META, ancestors, is_inplace, is_linear, module_path, node_value_meta, parameter_values
 
 log = logging.getLogger("adafuse_compile")
 
@@ -128,8 +128,8 @@ def _is_index_add(node: fx.Node, acc: fx.Node) -> bool:
 
 
 def _expert_of(tok: fx.Node):
-    """``(role, where, mask_all, e, sel, E)`` if ``tok`` is ``torch.where(one_hot(sel, E).permute(2, 1, 0)[e])[i]``
-    (role "tok" for i == 1, "slot" for i == 0), else None."""
+    """``(role, where, mask_all, e, sel, E)`` if ``tok`` is ``torch.where(mask_all[e])[i]`` with
+    ``mask_all[e][j, t] == (sel[t, j] == e)`` (role "tok" for i == 1, "slot" for i == 0), else None."""
     if not (tok.op == "call_function" and tok.target is operator.getitem and tok.args[1] in (0, 1)):
         return None
     where = tok.args[0]
@@ -139,17 +139,49 @@ def _expert_of(tok: fx.Node):
     mask = where.args[0]
     if not (mask.op == "call_function" and mask.target is operator.getitem and isinstance(mask.args[1], int)):
         return None
-    mask_all = mask.args[0]
-    if not (mask_all.op == "call_method" and mask_all.target == "permute" and tuple(mask_all.args[1:]) == (2, 1, 0)):
+    source = _mask_source(mask.args[0])
+    if source is None or not 0 <= mask.args[1] < source[1]:
         return None
-    one_hot = mask_all.args[0]
-    if not (one_hot.op == "call_function" and one_hot.target in (F.one_hot, torch._C._nn.one_hot)):
+    return ("tok" if tok.args[1] == 1 else "slot"), where, mask.args[0], mask.args[1], *source
+
+
+def _mask_source(mask_all: fx.Node):
+    """``(sel, E)`` if ``mask_all[e][j, t] == (sel[t, j] == e)`` for every expert ``e``: either
+    ``one_hot(sel, E).permute(2, 1, 0)`` (Mixtral, MixLoRA), or a new tensor whose only writes are
+    ``mask_all[e] = (sel == e).transpose(0, 1)`` for each ``e`` (MoE-PEFT's top-p, whose ``sel``
+    holds -1 for unused slots)."""
+    if mask_all.op == "call_method" and mask_all.target == "permute" and tuple(mask_all.args[1:]) == (2, 1, 0):
+        one_hot = mask_all.args[0]
+        if not (one_hot.op == "call_function" and one_hot.target in (F.one_hot, torch._C._nn.one_hot)):
+            return None
+        E = one_hot.kwargs.get("num_classes", one_hot.args[1] if len(one_hot.args) > 1 else -1)
+        return (one_hot.args[0], E) if isinstance(E, int) and E >= 1 else None
+    if not (mask_all.op == "call_function" and mask_all.target in (torch.empty, torch.zeros)):
         return None
-    E = one_hot.kwargs.get("num_classes", one_hot.args[1] if len(one_hot.args) > 1 else -1)
-    sel = one_hot.args[0]
-    if not isinstance(E, int) or E < 1 or not 0 <= mask.args[1] < E:
+    writes = [u for u in mask_all.users if u.op == "call_function" and u.target is operator.setitem]
+    reads = [u for u in mask_all.users if u not in writes]
+    order = {n: i for i, n in enumerate(mask_all.graph.nodes)}
+    if not writes or any(not (r.op == "call_function" and r.target is operator.getitem) for r in reads) or \
+            max(order[w] for w in writes) > min((order[r] for r in reads), default=len(order)):
         return None
-    return ("tok" if tok.args[1] == 1 else "slot"), where, mask_all, mask.args[1], sel, E
+    sel, experts = None, set()
+    for w in writes:
+        e, value = w.args[1], w.args[2]
+        is_t = isinstance(value, fx.Node) and (
+            (value.op == "call_method" and value.target == "transpose" and tuple(value.args[1:]) == (0, 1))
+            or (value.op == "call_function" and value.target is torch.transpose and tuple(value.args[1:]) == (0, 1)))
+        eq = value.args[0] if is_t else None
+        if not (isinstance(e, int) and eq is not None and eq.op == "call_function" and eq.target is operator.eq
+                and eq.args[1] == e and isinstance(eq.args[0], fx.Node) and (sel is None or eq.args[0] is sel)):
+            return None
+        sel = eq.args[0]
+        experts.add(e)
+    shape, sel_shape = node_value_meta(mask_all), node_value_meta(sel)
+    E = len(writes)
+    if experts != set(range(E)) or shape is None or sel_shape is None or tuple(shape.shape) != (
+            E, sel_shape.shape[1], sel_shape.shape[0]):
+        return None
+    return sel, E
 
 
 def _dispatch(acc: fx.Node) -> _Dispatch | str:
@@ -340,13 +372,21 @@ def _not_rowwise(body: list[fx.Node], d: _Dispatch, params) -> str | None:
                 return "active dropout in an expert's computation"
         elif name in _ROWWISE_UNARY or name in _ROWWISE_BINARY:
             for a in n.all_input_nodes:
-                if a not in members and not (a in params and params[a].dim() <= 1):
+                if a not in members and not (a in params and _broadcasts_per_row(params[a], n, members)):
                     return f"{name} ({n.name}) reads {a.name}, not a row of the expert's input"
         else:
             return f"{name} ({n.name}) is not known to be row-wise"
         if any(a in rows for a in n.all_input_nodes) and not (n.op == "call_function" and n.target is operator.getitem):
             return f"{n.name} computes with token indices"
     return None
+
+
+def _broadcasts_per_row(param: torch.Tensor, n: fx.Node, members: set) -> bool:
+    """A scalar, or a vector along the last dimension of [rows, features] operands."""
+    if param.dim() == 0:
+        return True
+    return param.dim() == 1 and all((v := node_value_meta(a)) is not None and v.dim() >= 2
+                                    for a in n.all_input_nodes if a in members)
 
 
 def _size(node: fx.Node, dim: int):
@@ -387,10 +427,8 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params) -> SiteRepor
     graph, path = gm.graph, _path(d, params)
     last = max(d.adds.values(), key=list(graph.nodes).index)
     with graph.inserting_before(last):
-        rows_slots = graph.call_function(dispatch_rows, (d.sel,))
-        rows = graph.call_function(operator.getitem, (rows_slots, 0))
-        slots = graph.call_function(operator.getitem, (rows_slots, 1))
-        experts = graph.call_function(operator.getitem, (rows_slots, 2))
+        rows_slots = graph.call_function(dispatch_rows, (d.sel,), {"experts": d.experts})
+        rows, slots, experts, valid = (graph.call_function(operator.getitem, (rows_slots, i)) for i in range(4))
         stacked = {p: graph.call_function(torch.stack, (ps,)) for p, ps in plan.varying.items()}
         env = {n: rows for n in d.tok[0]} | {n: slots for n in d.slot[0]}
         for n in plan.body:
@@ -402,17 +440,17 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params) -> SiteRepor
                 new = graph.node_copy(n, lambda a: env.get(a, a))
             new.meta[REWRITTEN_META] = path
             env[n] = new
-        out = env[d.adds[0].args[3]]
+        out = graph.call_function(rows_where, (valid, env[d.adds[0].args[3]]))
         added = graph.call_method("index_add_", (d.acc, 0, rows, out))
     added.meta.update(last.meta)
     old = [n for e in range(d.experts) for n in _body(d, e)[0]]
     for add in d.adds.values():
         graph.erase_node(add)
-    for n in [rows_slots, rows, slots, experts, *stacked.values(), *(env[n] for n in plan.body)]:
+    for n in [rows_slots, rows, slots, experts, valid, *stacked.values(), *(env[n] for n in plan.body), out]:
         _propagate_meta(n)
-    masks = [w.args[0] for w in d.wheres]
-    one_hot = [m.args[0] for m in masks[:1]] + [m.args[0].args[0] for m in masks[:1]]
-    remove_unused(gm, [*old, *d.wheres, *masks, *one_hot,
+    masks = {w.args[0] for w in d.wheres}
+    building = {n for m in masks for n in (m.args[0], *ancestors(m.args[0], stop={d.sel}))}
+    remove_unused(gm, [*old, *d.wheres, *masks, *building, *(w for b in building for w in b.users),
                        *(g for e in range(d.experts) for g in d.tok[e] | d.slot[e])])
     k = _size(d.sel, 1)
     reason = (f"batched token dispatch: the {d.experts} experts' computations are one graph on per-expert "

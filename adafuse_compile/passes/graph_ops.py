@@ -22,7 +22,7 @@ from ..kernels import lora_moe_linear
 from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
 from ..runtime.switched_ops import group_decide, group_site_linear
 
-__all__ = ["canonical_A", "canonical_B", "dispatch_rows", "empty_linear_output", "expert_linear", "fused_site", "group_decision", "group_site", "hoisted_logits",
+__all__ = ["canonical_A", "canonical_B", "dispatch_rows", "empty_linear_output", "expert_linear", "rows_where", "fused_site", "group_decision", "group_site", "hoisted_logits",
            "is_call", "router_logits", "site_operands"]
 
 
@@ -37,13 +37,21 @@ def empty_linear_output(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torc
                        device=kwargs.get("device") or x.device)
 
 
-def dispatch_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, slots, experts)`` of every (token, slot) pair of a top-k decision ``sel [T, k]``,
-    token-major: row ``t * k + j`` is token ``t``'s ``j``-th choice, expert ``sel[t, j]``."""
+def dispatch_rows(sel: torch.Tensor, *, experts: int):
+    """``(rows, slots, experts, valid)`` of every (token, slot) pair of a decision ``sel [T, k]``,
+    token-major: row ``t * k + j`` is token ``t``'s ``j``-th choice, expert ``sel[t, j]``. A slot
+    holding no expert (a -1 sentinel of top-p routing) is not ``valid``; its expert reads as 0."""
     tokens, k = sel.shape
     rows = torch.arange(tokens, device=sel.device).repeat_interleave(k)
     slots = torch.arange(k, device=sel.device).repeat(tokens)
-    return rows, slots, sel.reshape(-1)
+    flat = sel.reshape(-1)
+    valid = (flat >= 0) & (flat < experts)
+    return rows, slots, torch.where(valid, flat, 0), valid
+
+
+def rows_where(valid: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` with the rows that are not ``valid`` zeroed (what a dispatch that skips them adds)."""
+    return torch.where(valid.view(-1, *([1] * (y.dim() - 1))), y, 0)
 
 
 def expert_linear(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, bias=None) -> torch.Tensor:
