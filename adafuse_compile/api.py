@@ -3,11 +3,13 @@ that let data-dependent adapter dispatch land in one graph, scoped to this model
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable
 
 import torch
 
+from .mixed_batches import MixedBatches
 from .options import AdafuseOptions
 
 __all__ = ["DYNAMO_SETTINGS", "compile", "refresh"]
@@ -51,20 +53,39 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
         raise ValueError("calibration= is only used with pregate='approximate'")
     kwargs = dict(backend="adafuse", options=options or None, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
     if in_place:
-        model.forward = _with_settings(torch.compile(model.forward, **kwargs))
+        model.forward = _with_settings(torch.compile(model.forward, **kwargs), model)
         return model
     compiled = torch.compile(model, **kwargs)
-    compiled.forward = _with_settings(compiled.forward)
+    compiled.forward = _with_settings(compiled.forward, model)
     return compiled
 
 
-def _with_settings(forward: Callable) -> Callable:
+def _with_settings(forward: Callable, model: torch.nn.Module) -> Callable:
+    mixed = []  # PEFT LoRA models: the gated path, installed at the first mixed-adapter batch
+
     @functools.wraps(forward)
     def forward_with_settings(*args, **kwargs):
-        with torch._dynamo.config.patch(DYNAMO_SETTINGS):
+        with torch._dynamo.config.patch(DYNAMO_SETTINGS), serving_mixed_batch(model, mixed, args, kwargs) as kwargs:
             return forward(*args, **kwargs)
 
     return forward_with_settings
+
+
+@contextlib.contextmanager
+def serving_mixed_batch(model: torch.nn.Module, cache: list, args, kwargs):
+    """``kwargs`` to call ``model`` with: a PEFT ``adapter_names=`` list becomes a gate tensor on
+    the LoRA layers for the call (:mod:`adafuse_compile.mixed_batches`); ``cache`` holds the
+    model's :class:`~adafuse_compile.mixed_batches.MixedBatches` once made."""
+    names = kwargs.get("adapter_names")
+    if names is None or not (cache or MixedBatches.applies_to(model)):
+        yield kwargs
+        return
+    if not cache:
+        cache.append(MixedBatches(model))
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    rest = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+    with cache[0].serving(names, ids.shape[1]) as extra:
+        yield {**rest, **extra}
 
 
 def refresh() -> None:

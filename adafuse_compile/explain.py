@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import torch
 
-from .api import DYNAMO_SETTINGS
+from .api import DYNAMO_SETTINGS, serving_mixed_batch
 from .backend import Rewrite, rewrite
 from .options import AdafuseOptions
 from .passes import GroupReport, SiteReport
@@ -76,7 +77,8 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
     The captured graphs are rewritten but never compiled: each graph runs once unrewritten (as
     eager would) so that Dynamo can continue past graph breaks. Capture uses the Dynamo
     settings of :func:`adafuse_compile.compile` (data-dependent dispatch such as ``nonzero`` is
-    captured), so the report says what that compile does; ``plain_torch_compile=True`` reports
+    captured, and a PEFT ``adapter_names=`` batch is served by a gate tensor), so the report says
+    what that compile does; ``plain_torch_compile=True`` reports
     what ``torch.compile(model, backend="adafuse")`` does instead (such dispatch breaks the graph). Call it in the grad mode you will
     run the compiled model in (sites needing gradients are left). ``options`` are the backend's.
     It resets Dynamo (``torch._dynamo.reset()``) before and after, so that every frame is
@@ -100,7 +102,8 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
     torch._dynamo.reset()
     counters.clear()
     try:
-        with torch._dynamo.config.patch({} if plain_torch_compile else DYNAMO_SETTINGS):
+        mixed = contextlib.nullcontext(kwargs) if plain_torch_compile else serving_mixed_batch(model, [], args, kwargs)
+        with torch._dynamo.config.patch({} if plain_torch_compile else DYNAMO_SETTINGS), mixed as kwargs:
             torch.compile(model, backend=collect)(*args, **kwargs)
         # A break Dynamo cannot split a frame at (one inside a loop) skips the whole frame: it
         # is counted as "unimplemented", not as a graph break, and the frame runs eagerly.

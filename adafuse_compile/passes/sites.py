@@ -177,6 +177,7 @@ def module_path(node: fx.Node) -> str:
         src = re.sub(r"^[LG]\['[^']*'\]", "", src)
         parts = [next(p for p in m if p) for m in re.findall(
             r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']+)'\]", src)]
+        parts = [p for p in parts if p not in ("__dict__", "_modules", "_parameters", "_buffers")]
         if not parts:
             return node.name
     parts = parts[:-1]  # the parameter's own name
