@@ -48,8 +48,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .derived import StackedTensors, add_derived_input
 from .fuse_mole import SiteReport, remove_unused
 from .graph_ops import dispatch_rows, expert_linear, rows_where
+from .manager import DERIVED_INPUTS
 from .sites import REWRITTEN_META, ancestors, is_inplace, is_linear, module_path, node_value_meta, parameter_values
 
 log = logging.getLogger("adafuse_compile")
@@ -102,7 +104,7 @@ class BatchTokenDispatchPass:
                 self.reports.append(SiteReport(_path(found, params), "left", plan))
                 log.info("adafuse: left token dispatch into %s: %s", acc.name, plan)
                 continue
-            report = _rewrite(gm, found, plan, params)
+            report = _rewrite(gm, found, plan, params, self.freeze and example_inputs is not None)
             self.reports.append(report)
             log.info("adafuse: batched token dispatch %s (E=%d, k=%d)", report.path, report.experts, report.k)
 
@@ -423,13 +425,21 @@ def _keeps_rows(n: fx.Node) -> bool:
     return src.dim() == 2 or (src.dim() == 3 and src.shape[0] == 1)
 
 
-def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params) -> SiteReport:
+def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool) -> SiteReport:
     graph, path = gm.graph, _path(d, params)
+    position = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    stacked = {}
+    if freeze:  # stacked once into cached derived inputs (the freeze contract), not per call
+        for p, ps in plan.varying.items():
+            if all(q in position for q in ps):
+                name = f"adafuse_stacked_{len(gm.meta.get(DERIVED_INPUTS, []))}"
+                stacked[p] = add_derived_input(gm, StackedTensors(tuple(position[q] for q in ps)), name)
+                _propagate_meta(stacked[p], torch.stack, ([q for q in ps],))
     last = max(d.adds.values(), key=list(graph.nodes).index)
     with graph.inserting_before(last):
         rows_slots = graph.call_function(dispatch_rows, (d.sel,), {"experts": d.experts})
         rows, slots, experts, valid = (graph.call_function(operator.getitem, (rows_slots, i)) for i in range(4))
-        stacked = {p: graph.call_function(torch.stack, (ps,)) for p, ps in plan.varying.items()}
+        stacked.update({p: graph.call_function(torch.stack, (ps,)) for p, ps in plan.varying.items() if p not in stacked})
         env = {n: rows for n in d.tok[0]} | {n: slots for n in d.slot[0]}
         for n in plan.body:
             if is_linear(n) and n.args[1] in stacked:
@@ -446,7 +456,8 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params) -> SiteRepor
     old = [n for e in range(d.experts) for n in _body(d, e)[0]]
     for add in d.adds.values():
         graph.erase_node(add)
-    for n in [rows_slots, rows, slots, experts, valid, *stacked.values(), *(env[n] for n in plan.body), out]:
+    for n in [rows_slots, rows, slots, experts, valid, *(s for s in stacked.values() if s.op != "placeholder"),
+              *(env[n] for n in plan.body), out]:
         _propagate_meta(n)
     masks = {w.args[0] for w in d.wheres}
     building = {n for m in masks for n in (m.args[0], *ancestors(m.args[0], stop={d.sel}))}
@@ -460,19 +471,22 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params) -> SiteRepor
                       plan.rank, "token dispatch")
 
 
-def _propagate_meta(node: fx.Node) -> None:
-    """``example_value`` of a new node, computed on the fake values of its inputs."""
+def _propagate_meta(node: fx.Node, target=None, args=None) -> None:
+    """``example_value`` of a new node (or of ``target(*args)`` for a placeholder), computed on
+    the fake values of its inputs."""
     def value(a):
         return a.meta.get("example_value", a.meta.get("val")) if isinstance(a, fx.Node) else a
 
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
+    args = fx.node.map_arg(node.args if args is None else args, value)
+    kwargs = fx.node.map_arg(node.kwargs if target is None else {}, value)
     fake = next((v for v in _flat(args) if isinstance(v, torch.Tensor)), None)
     mode = getattr(fake, "fake_mode", None)
     if mode is None:
         return
     with mode:
-        if node.op == "call_method":
+        if target is not None:
+            val = target(*args, **kwargs)
+        elif node.op == "call_method":
             val = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
             val = node.target(*args, **kwargs)

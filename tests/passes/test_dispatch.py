@@ -99,3 +99,20 @@ def test_dispatch_that_is_not_proved_is_left_with_the_reason(variant, reason):
     assert count_calls(rw.graph, torch.where) == E
     left = [s for s in report.sites if s.gate is None and s.status == "left" and reason in s.reason]
     assert left, str(report)
+
+
+def test_with_freeze_the_experts_are_stacked_once_and_weight_updates_are_seen():
+    from torch._dynamo.utils import counters
+
+    model = MixLoRAFFN().eval()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (rw,) = assert_rewrite(model, X, options={"freeze": True}, after=(graph_ops.expert_linear,))
+        assert count_calls(rw.graph, torch.stack) == 0 and len(rw.derived_inputs) == 6
+        torch._dynamo.reset()
+        counters.clear()
+        fast = adafuse_compile.compile(model, inner="eager", freeze=True)
+        fast(X)
+        model.B[2].mul_(3.0)  # an in-place update of one expert's down B: its version changes
+        torch.testing.assert_close(fast(X), model(X), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
