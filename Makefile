@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch is pinned before anything else so that no multi-GB CUDA build is pulled.
 TORCH_SPEC ?= torch==2.13.0
+# Real third-party MoLE packages for tests/e2e/test_real_packages.py and benchmarks/real_packages.py.
+REAL_PACKAGES ?= moe-peft==2.0.2 eulerforge==0.1.0 mixlora==0.2.3
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench setup clean
@@ -13,6 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test,plot]"
+# --no-deps: their declared dependencies are not needed for the tiny models the tests build
+# and would break the venv: moe-peft pins torch<2.6 and transformers<4.47 (pip would swap in a
+# multi-GB CUDA torch), eulerforge pulls bitsandbytes, datasets, optuna, accelerate. What they
+# import at module level is installed above (torch, transformers, peft, huggingface_hub,
+# packaging), except datasets/evaluate, which tests/e2e/real_packages.py stubs for moe_peft.
+	$(PY) -m pip install --quiet --no-deps $(REAL_PACKAGES)
 	touch $(STAMP)
 
 setup: $(STAMP)

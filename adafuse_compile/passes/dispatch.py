@@ -360,7 +360,7 @@ def _not_rowwise(body: list[fx.Node], d: _Dispatch, params) -> str | None:
         if is_inplace(n):
             return f"the in-place op {name} in an expert's computation"
         if n.op == "call_function" and n.target is operator.getitem:
-            if not _is_row_gather(n, rows, tokens, d):
+            if n.args[0] in members or not _is_row_gather(n, rows, tokens, d):
                 return f"the index {n.name} is not a gather of token rows"
         elif is_linear(n):
             if n.args[0] not in members or any(a in members for a in n.args[1:]) or n.args[1] not in params:

@@ -142,9 +142,13 @@ def _import_moe_peft():
     ``evaluate.load`` when loading training or evaluation data, never on the inference path
     used here. Neither is a dependency of this project, so when one is missing a minimal module
     is put in ``sys.modules`` whose functions raise ``ModuleNotFoundError`` if anything calls them.
+    The stubs are taken out of ``sys.modules`` again once ``moe_peft`` is imported (its modules
+    keep their reference): left there, a stub (``__spec__`` None) makes ``importlib.util.find_spec``
+    raise ``ValueError`` for the rest of the process, and so ``transformers.utils.is_datasets_available()``.
     """
     if "moe_peft" in sys.modules:
         return sys.modules["moe_peft"]
+    stubbed = []
     for name, funcs in (("datasets", ("load_dataset",)), ("evaluate", ("load",))):
         try:
             importlib.import_module(name)
@@ -158,7 +162,12 @@ def _import_moe_peft():
             for func in funcs:
                 setattr(stub, func, _missing)
             sys.modules[name] = stub
-    return importlib.import_module("moe_peft")
+            stubbed.append(name)
+    try:
+        return importlib.import_module("moe_peft")
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
 
 
 _MOE_PEFT_ADAPTERS = {
