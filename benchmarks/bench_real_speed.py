@@ -1,6 +1,6 @@
 """One-token step of real third-party MoLE code: eager vs plain Inductor vs adafuse, interleaved.
 
-    python benchmarks/real_speed.py [--rounds 5] [--reps 10] [--batch 1]
+    python benchmarks/bench_real_speed.py [--rounds 5] [--reps 10] [--batch 1]
 
 Models (random weights, fp32, hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 4000):
 MoE-PEFT 2.0.2 MixLoRA (E=4, top-2, r=4, on the MLP) through its own Llama, and PEFT X-LoRA
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
-    print(f"$ python benchmarks/real_speed.py --rounds {args.rounds} --reps {args.reps} --batch {args.batch}")
+    print(f"$ python benchmarks/bench_real_speed.py --rounds {args.rounds} --reps {args.reps} --batch {args.batch}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {SIZE}, batch {args.batch}, one token")
     print("| real code | eager ms | inductor ms | adafuse ms | adafuse / inductor | adafuse / eager | compile s "
           "(inductor, adafuse) |")
