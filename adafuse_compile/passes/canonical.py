@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 
 import torch
 import torch.fx as fx
@@ -31,7 +32,7 @@ from .sites import Site, ancestors, node_value_meta
 from .verify import (ROUTING_LEAK, DecisionDraws, canonical_delta, draw_probes, identity_holds, linearity_violation,
                      op_name, replay_failure, replay_random)
 
-__all__ = ["Canonical", "canonicalize", "stack_experts"]
+__all__ = ["FORMS", "Canonical", "SiteForms", "canonicalize", "stack_experts"]
 
 
 @dataclasses.dataclass
@@ -189,7 +190,25 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
     ``sizes`` binds symbolic-size placeholders (dynamic shapes) to this example's sizes; the
     proof then also covers other token counts the graph can serve. Only the *shapes* of
     ``params`` are read, never their values.
+
+    The outcome is a property of the site's structure (its ops, constants, shapes and dtypes,
+    and which leaf each op reads), not of its nodes: a site isomorphic to one already proved
+    (the same projection in another layer, the same graph recompiled) reuses that proof instead
+    of probing again (:class:`SiteForms`).
     """
+    key = FORMS.key(site, params, sizes or {})
+    if key is not None:
+        hit = FORMS.get(key, site, params)
+        if hit is not None:
+            return hit
+    canon, reason = _canonicalize(gm, site, params, sizes)
+    if key is not None:
+        FORMS.put(key, site, params, canon, reason)
+    return canon, reason
+
+
+def _canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Tensor],
+                  sizes: dict[fx.Node, int] | None = None) -> tuple[Canonical | None, str]:
     x_shape = _shape(site.x)
     if x_shape is None or _shape(site.out) is None:
         return None, "no example value for the site's input or output"
@@ -254,6 +273,114 @@ def canonicalize(gm: fx.GraphModule, site: Site, params: dict[fx.Node, torch.Ten
                       "layouts tried)")
     return None, (f"no canonical form equals the site for random weights, inputs and decisions ({len(experts)} "
                   f"expert layouts x {len(decisions)} routing decisions tried)")
+
+
+class SiteForms:
+    """Proof outcomes by site structure, process-wide: ``key(site)`` encodes every node of the
+    site (op, target, constant arguments, the shape and dtype of its value) with each reference
+    to another node as its role: a node of the site (by position), the input, the base weight or
+    bias, a parameter (by its rank in the natural order of the parameter names, which orders
+    per-expert lists), a decision read from elsewhere, or a size binding. Two sites with one key
+    are the same computation on differently named tensors, so the outcome of one holds for the
+    other. Sites with a node this encoding cannot name (a submodule call) are not cached."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._forms: dict = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def key(self, site: Site, params, sizes: dict):
+        order = {n: i for i, n in enumerate(site.nodes)}
+        ranked = {p: i for i, p in enumerate(sorted(site.params, key=_natural_key))}
+        roles = {site.x: ("x",), site.weight: ("W",), **({site.bias: ("b",)} if site.bias is not None else {}),
+                 **{p: ("p", ranked[p]) for p in site.params}, **{e: ("e", i) for i, e in enumerate(site.externals)}}
+
+        def ref(a):
+            if isinstance(a, fx.Node):
+                if a in order:
+                    return ("n", order[a])
+                if a in roles:
+                    return (*roles[a], _meta_key(a, params))
+                if a in sizes:
+                    return ("s", sizes[a])
+                raise _Uncacheable
+            if isinstance(a, (tuple, list)):
+                return (type(a).__name__, *map(ref, a))
+            if isinstance(a, dict):
+                return ("dict", *((k, ref(v)) for k, v in sorted(a.items())))
+            if isinstance(a, slice):
+                return ("slice", ref(a.start), ref(a.stop), ref(a.step))
+            if a is None or isinstance(a, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
+                                           torch.layout)) or a is Ellipsis:
+                return (type(a).__name__, repr(a))
+            raise _Uncacheable
+
+        try:
+            nodes = tuple((n.op, _target_key(n), ref(n.args), ref(n.kwargs), _meta_key(n, params),
+                           n is site.out, n is site.base) for n in site.nodes)
+            leaves = tuple(ref(n) for n in (site.x, site.weight, site.bias, *site.params, *site.externals))
+        except _Uncacheable:
+            return None
+        return nodes, leaves, torch.is_grad_enabled()
+
+    def get(self, key, site: Site, params):
+        with self._lock:
+            found = self._forms.get(key)
+        if found is None:
+            return None
+        form, reason = found
+        self.hits += 1
+        if form is None:
+            return None, reason
+        nodes = self._local(site, params)
+        pick = lambda r: [nodes[i] for i in r] if isinstance(r, list) else (None if r is None else nodes[r])  # noqa: E731
+        return dataclasses.replace(form, idx=pick(form.idx), g=pick(form.g), A=pick(form.A), B=pick(form.B)), reason
+
+    def put(self, key, site: Site, params, canon: Canonical | None, reason: str) -> None:
+        form = None
+        if canon is not None:
+            index = {n: i for i, n in enumerate(self._local(site, params))}
+            local = lambda r: [index[n] for n in r] if isinstance(r, list) else (None if r is None else index[r])  # noqa: E731
+            form = dataclasses.replace(canon, idx=local(canon.idx), g=local(canon.g), A=local(canon.A), B=local(canon.B))
+        with self._lock:
+            if len(self._forms) >= self.LIMIT:
+                self._forms.pop(next(iter(self._forms)))
+            self._forms[key] = (form, reason)
+
+    @staticmethod
+    def _local(site: Site, params) -> list[fx.Node]:
+        """The site's nodes and leaves in the order the key names them."""
+        return [*site.nodes, site.x, site.weight, site.bias, *sorted(site.params, key=_natural_key), *site.externals]
+
+    def __len__(self) -> int:
+        return len(self._forms)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._forms.clear()
+            self.hits = 0
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _target_key(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', repr(t))}"
+
+
+def _meta_key(node: fx.Node, params):
+    val = params.get(node) if node in params else node_value_meta(node)
+    if val is None:
+        raw = node.meta.get("example_value", node.meta.get("val"))
+        return ("value", type(raw).__name__, repr(raw) if isinstance(raw, (int, float, bool)) else None)
+    return (tuple(str(d) for d in val.shape), str(val.dtype))
+
+
+FORMS = SiteForms()
 
 
 def _router_width(topk: fx.Node) -> int | None:

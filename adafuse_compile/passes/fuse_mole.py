@@ -141,7 +141,11 @@ class FuseMoLEPass(GraphPass):
         for r in rejected:
             log.info("adafuse: left %s: %s", r.path or "<root>", r.reason)
         replaced: list[fx.Node] = []
+        renamed: dict[fx.Node, fx.Node] = {}  # a fused site's output -> the fused node
         for site in sites:
+            if renamed:  # a site reading an earlier site's output reads its fused node now
+                site = dataclasses.replace(site, x=renamed.get(site.x, site.x),
+                                           externals=[renamed.get(e, e) for e in site.externals])
             if needs_gradients(site, params):
                 reason = ("gradients are required (the fused op has no autograd formula yet); "
                           "compile under torch.no_grad() or torch.inference_mode() to fuse")
@@ -162,7 +166,9 @@ class FuseMoLEPass(GraphPass):
                 self._stack_expert_lists(gm, canon, example_inputs)
             report = SiteReport(site.name, "fused", reason,
                                 canon.experts, canon.k, canon.rank, canon.gate, canon.scale)
-            self._rewrite(gm, site, canon, self.lowering).meta[SITE_META] = report
+            fused = self._rewrite(gm, site, canon, self.lowering)
+            fused.meta[SITE_META] = report
+            renamed[site.out] = fused
             replaced.extend(site.nodes)
             self.reports.append(report)
             log.info("adafuse: fused %s (E=%d, k=%d, r=%d, %s)", site.name, canon.experts, canon.k,
