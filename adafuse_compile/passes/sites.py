@@ -139,7 +139,7 @@ def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.
             is_param = isinstance(value, torch.nn.Parameter) or "_parameters[" in source
             # A module buffer the graph never writes is a weight too (PEFT Arrow's router
             # prototypes): read at every call, like a parameter, and drawn at random when probing.
-            is_buffer = "_buffers[" in source and not any(is_inplace(u) and u.args[0] is node for u in node.users)
+            is_buffer = "_buffers[" in source and not _written(node)
             if (is_param or is_buffer) and isinstance(value, torch.Tensor):
                 values[node] = value
     for node in gm.graph.nodes:
@@ -148,6 +148,26 @@ def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.
             if isinstance(value, torch.Tensor):
                 values[node] = value
     return values
+
+
+_VIEWS = ("getitem", "view", "reshape", "transpose", "permute", "select", "narrow", "unsqueeze", "squeeze",
+          "expand", "as_strided", "t", "flatten", "unflatten", "split", "chunk")
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether the graph writes ``node`` in place, directly or through a view of it (a KV cache)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.args and u.args[0] is n and (is_inplace(u) or u.target is operator.setitem):
+                return True
+            if getattr(u.target, "__name__", u.target) in _VIEWS:
+                stack.append(u)
+    return False
 
 
 def _get_attr(gm: fx.GraphModule, target: str):

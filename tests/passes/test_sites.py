@@ -75,3 +75,34 @@ def test_finding_sites_never_changes_the_graph():
     before = str(traced.graph)
     assert find_sites(traced) == ([], [])  # nn.Linear modules are call_module: NormalizeLinearsPass first
     assert str(traced.graph) == before
+
+
+class _Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("proto", torch.randn(4, 8))  # read only: a weight (Arrow's prototypes)
+        self.register_buffer("cache", torch.zeros(3, 4, 8))  # written in the forward: state, not a weight
+        self.register_buffer("counts", torch.zeros(4))
+
+    def forward(self, x):
+        self.cache[0] = x  # through a view of the buffer
+        self.counts.add_(1.0)
+        return x @ self.proto.T + self.cache.sum(0) @ self.proto.T + self.counts
+
+
+def test_buffers_the_graph_never_writes_are_weights_written_ones_are_not():
+    from adafuse_compile.passes.sites import parameter_values
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        values = parameter_values(gm, example_inputs)
+        seen.update({name: any(v is getattr(module, name) for v in values.values())
+                     for name in ("proto", "cache", "counts")})
+        return gm.forward
+
+    module = _Buffers()
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend)(torch.randn(4, 8))
+    torch._dynamo.reset()
+    assert seen == {"proto": True, "cache": False, "counts": False}
