@@ -52,7 +52,8 @@ from .derived import StackedTensors, add_derived_input
 from .fuse_mole import SiteReport, remove_unused
 from .graph_ops import dispatch_rows, expert_linear, rows_where
 from .manager import DERIVED_INPUTS
-from .sites import REWRITTEN_META, ancestors, is_inplace, is_linear, module_path, node_value_meta, parameter_values
+from .sites import (REWRITTEN_META, VIEW_OPS, ancestors, is_inplace, is_linear, module_path, node_value_meta,
+                    parameter_values, writers)
 
 log = logging.getLogger("adafuse_compile")
 
@@ -122,6 +123,11 @@ def _path(d: _Dispatch, params) -> str:
             n += 1
         common = common[:n]
     return ".".join(common) or d.acc.name
+
+
+def _is_fresh_zeros(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (torch.zeros, torch.zeros_like)) or (
+        node.op == "call_method" and node.target == "new_zeros")
 
 
 def _is_index_add(node: fx.Node, acc: fx.Node) -> bool:
@@ -205,8 +211,17 @@ def _dispatch(acc: fx.Node) -> _Dispatch | str:
     if sorted(adds) != list(range(E)):
         return f"only experts {sorted(adds)} of {E} are added"
     last = max(order[a] for a in adds.values())
+    if not _is_fresh_zeros(acc):
+        return "the experts add into a tensor that is not a new zero tensor (it could alias what they read)"
     if any(not _is_index_add(u, acc) and order[u] < last for u in acc.users):
         return "the accumulator is read between the experts' index_add_ calls"
+    # The decision must be what the masks were built from when the loop runs: nothing written in
+    # place (sel, the masks, the one-hot), or the rows dispatch_rows(sel) gives are not the loop's.
+    building = {mask_all, sel, *(mask_all.all_input_nodes if mask_all.op == "call_method" else ())}
+    built_by_writes = mask_all.op == "call_function"  # top-p: the E setitems build it (checked by _mask_source)
+    if any(writers(n) for n in building - ({mask_all} if built_by_writes else set())) or \
+            any(writers(m) for m in mask_all.users if m.target is operator.getitem):
+        return "the decision or its expert masks are written in place after they are built"
     tok, slot, wheres = {e: set() for e in range(E)}, {e: set() for e in range(E)}, set()
     for mask in mask_all.users:
         for where in mask.users:
@@ -262,6 +277,11 @@ def _plan(d: _Dispatch, params) -> _Plan | str | None:
     violation = _not_rowwise(body0, d, params)
     if violation:
         return violation
+    # The batched body runs where the last index_add_ was: what it reads must not change in between.
+    order = {n: i for i, n in enumerate(d.acc.graph.nodes)}
+    for leaf in leaves0 - d.tok[0] - d.slot[0]:
+        if any(order[w] > order[body0[0]] for w in writers(_storage(leaf))):
+            return f"{leaf.name}, which the experts read, is written in place during the loop"
     varying: dict[fx.Node, list[fx.Node]] = {}
     for e in range(1, d.experts):
         mapping = _match(d.adds[0].args[3], d.adds[e].args[3], d, e, params, set(body0))
@@ -285,6 +305,14 @@ def _plan(d: _Dispatch, params) -> _Plan | str | None:
     if not varying:
         return "the experts read no parameters of their own"
     return _Plan(body0, varying, rank)
+
+
+def _storage(node: fx.Node) -> fx.Node:
+    """The node whose tensor ``node`` is (through in-place ops and views)."""
+    while node.args and isinstance(node.args[0], fx.Node) and (
+            is_inplace(node) or getattr(node.target, "__name__", node.target) in VIEW_OPS):
+        node = node.args[0]
+    return node
 
 
 def _nonlinear(n: fx.Node, members: set) -> bool:
@@ -461,8 +489,16 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool
         _propagate_meta(n)
     masks = {w.args[0] for w in d.wheres}
     building = {n for m in masks for n in (m.args[0], *ancestors(m.args[0], stop={d.sel}))}
-    remove_unused(gm, [*old, *d.wheres, *masks, *building, *(w for b in building for w in b.users),
-                       *(g for e in range(d.experts) for g in d.tok[e] | d.slot[e])])
+    rows_of_experts = {g for e in range(d.experts) for g in d.tok[e] | d.slot[e]}
+    # everything computed from the old rows (also gathers no expert's output uses), so that no
+    # torch.where survives
+    stale, stack = set(rows_of_experts), list(rows_of_experts)
+    while stack:
+        for u in stack.pop().users:
+            if u not in stale:
+                stale.add(u)
+                stack.append(u)
+    remove_unused(gm, [*old, *d.wheres, *masks, *building, *(w for b in building for w in b.users), *stale])
     k = _size(d.sel, 1)
     reason = (f"batched token dispatch: the {d.experts} experts' computations are one graph on per-expert "
               f"parameters ({len(plan.varying)} per expert), every op row-wise; {k} rows per token, each with "

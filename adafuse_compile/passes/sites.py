@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["REWRITTEN_META", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
-           "node_value_meta", "parameter_values", "size_values"]
+__all__ = ["REWRITTEN_META", "VIEW_OPS", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
+           "node_value_meta", "parameter_values", "size_values", "writers"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 # node.meta key of the nodes a pass already rewrote into a batched form (the module path): they
@@ -139,7 +139,7 @@ def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.
             is_param = isinstance(value, torch.nn.Parameter) or "_parameters[" in source
             # A module buffer the graph never writes is a weight too (PEFT Arrow's router
             # prototypes): read at every call, like a parameter, and drawn at random when probing.
-            is_buffer = "_buffers[" in source and not _written(node)
+            is_buffer = "_buffers[" in source and not writers(node)
             if (is_param or is_buffer) and isinstance(value, torch.Tensor):
                 values[node] = value
     for node in gm.graph.nodes:
@@ -150,13 +150,13 @@ def parameter_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.
     return values
 
 
-_VIEWS = ("getitem", "view", "reshape", "transpose", "permute", "select", "narrow", "unsqueeze", "squeeze",
+VIEW_OPS = ("getitem", "view", "reshape", "transpose", "permute", "select", "narrow", "unsqueeze", "squeeze",
           "expand", "as_strided", "t", "flatten", "unflatten", "split", "chunk")
 
 
-def _written(node: fx.Node) -> bool:
-    """Whether the graph writes ``node`` in place, directly or through a view of it (a KV cache)."""
-    stack, seen = [node], set()
+def writers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that write ``node`` in place, directly or through a view of it (a KV cache)."""
+    stack, seen, found = [node], set(), []
     while stack:
         n = stack.pop()
         if n in seen:
@@ -164,10 +164,10 @@ def _written(node: fx.Node) -> bool:
         seen.add(n)
         for u in n.users:
             if u.args and u.args[0] is n and (is_inplace(u) or u.target is operator.setitem):
-                return True
-            if getattr(u.target, "__name__", u.target) in _VIEWS:
+                found.append(u)
+            elif getattr(u.target, "__name__", u.target) in VIEW_OPS:
                 stack.append(u)
-    return False
+    return found
 
 
 def _get_attr(gm: fx.GraphModule, target: str):
