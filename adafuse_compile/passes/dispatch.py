@@ -77,6 +77,7 @@ class _Dispatch:
     tok: dict[int, set[fx.Node]]  # expert -> nodes holding its token rows
     slot: dict[int, set[fx.Node]]  # expert -> nodes holding its slots
     wheres: set[fx.Node]
+    order: dict[fx.Node, int]  # graph position of every node, as found
 
 
 class BatchTokenDispatchPass:
@@ -102,7 +103,7 @@ class BatchTokenDispatchPass:
             if plan is None:
                 continue  # linear in the rows: sites FuseMoLEPass proves and fuses
             if isinstance(plan, str):
-                self.reports.append(SiteReport(_path(found, params), "left", plan))
+                self.reports.append(SiteReport(_path(found, _body(found, 0)[0], params), "left", plan))
                 log.info("adafuse: left token dispatch into %s: %s", acc.name, plan)
                 continue
             report = _rewrite(gm, found, plan, params, self.freeze and example_inputs is not None)
@@ -110,9 +111,9 @@ class BatchTokenDispatchPass:
             log.info("adafuse: batched token dispatch %s (E=%d, k=%d)", report.path, report.experts, report.k)
 
 
-def _path(d: _Dispatch, params) -> str:
-    """The module path the parameters of expert 0's computation share (``model.layers.0.mlp``)."""
-    paths = [module_path(p) for n in _body(d, 0)[0] for p in n.all_input_nodes if p in params]
+def _path(d: _Dispatch, body: list[fx.Node], params) -> str:
+    """The module path the parameters of expert 0's computation (``body``) share (``model.layers.0.mlp``)."""
+    paths = [module_path(p) for n in body for p in n.all_input_nodes if p in params]
     if not paths:
         return d.acc.name
     common = paths[0].split(".")
@@ -232,7 +233,7 @@ def _dispatch(acc: fx.Node) -> _Dispatch | str:
                 role, w, _, e, _, _ = info
                 (tok if role == "tok" else slot)[e].add(g)
                 wheres.add(w)
-    return _Dispatch(acc, adds, sel, E, tok, slot, wheres)
+    return _Dispatch(acc, adds, sel, E, tok, slot, wheres, order)
 
 
 @dataclasses.dataclass
@@ -245,12 +246,7 @@ class _Plan:
 def _body(d: _Dispatch, e: int) -> tuple[list[fx.Node], set[fx.Node]]:
     """Nodes computing expert ``e``'s added value from its rows and slots, and the leaves."""
     dispatch = d.tok[e] | d.slot[e]
-    on_dispatch, stack = set(dispatch), list(dispatch)
-    while stack:  # everything computed from the rows
-        for u in stack.pop().users:
-            if u not in on_dispatch:
-                on_dispatch.add(u)
-                stack.append(u)
+    on_dispatch = _computed_from(dispatch)
     nodes, leaves, stack = set(), set(), [d.adds[e].args[3]]
     while stack:
         n = stack.pop()
@@ -261,8 +257,18 @@ def _body(d: _Dispatch, e: int) -> tuple[list[fx.Node], set[fx.Node]]:
             continue
         nodes.add(n)
         stack.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(d.acc.graph.nodes)}
-    return sorted(nodes, key=order.__getitem__), leaves
+    return sorted(nodes, key=d.order.__getitem__), leaves
+
+
+def _computed_from(seeds: set[fx.Node]) -> set[fx.Node]:
+    """``seeds`` and every node computed from them."""
+    found, stack = set(seeds), list(seeds)
+    while stack:
+        for u in stack.pop().users:
+            if u not in found:
+                found.add(u)
+                stack.append(u)
+    return found
 
 
 def _plan(d: _Dispatch, params) -> _Plan | str | None:
@@ -278,9 +284,8 @@ def _plan(d: _Dispatch, params) -> _Plan | str | None:
     if violation:
         return violation
     # The batched body runs where the last index_add_ was: what it reads must not change in between.
-    order = {n: i for i, n in enumerate(d.acc.graph.nodes)}
     for leaf in leaves0 - d.tok[0] - d.slot[0]:
-        if any(order[w] > order[body0[0]] for w in writers(_storage(leaf))):
+        if any(d.order[w] > d.order[body0[0]] for w in writers(_storage(leaf))):
             return f"{leaf.name}, which the experts read, is written in place during the loop"
     varying: dict[fx.Node, list[fx.Node]] = {}
     for e in range(1, d.experts):
@@ -454,7 +459,7 @@ def _keeps_rows(n: fx.Node) -> bool:
 
 
 def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool) -> SiteReport:
-    graph, path = gm.graph, _path(d, params)
+    graph, path = gm.graph, _path(d, plan.body, params)
     position = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
     stacked = {}
     if freeze:  # stacked once into cached derived inputs (the freeze contract), not per call
@@ -463,7 +468,7 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool
                 name = f"adafuse_stacked_{len(gm.meta.get(DERIVED_INPUTS, []))}"
                 stacked[p] = add_derived_input(gm, StackedTensors(tuple(position[q] for q in ps)), name)
                 _propagate_meta(stacked[p], torch.stack, ([q for q in ps],))
-    last = max(d.adds.values(), key=list(graph.nodes).index)
+    last = max(d.adds.values(), key=d.order.__getitem__)
     with graph.inserting_before(last):
         rows_slots = graph.call_function(dispatch_rows, (d.sel,), {"experts": d.experts})
         rows, slots, experts, valid = (graph.call_function(operator.getitem, (rows_slots, i)) for i in range(4))
@@ -481,7 +486,6 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool
         out = graph.call_function(rows_where, (valid, env[d.adds[0].args[3]]))
         added = graph.call_method("index_add_", (d.acc, 0, rows, out))
     added.meta.update(last.meta)
-    old = [n for e in range(d.experts) for n in _body(d, e)[0]]
     for add in d.adds.values():
         graph.erase_node(add)
     for n in [rows_slots, rows, slots, experts, valid, *(s for s in stacked.values() if s.op != "placeholder"),
@@ -489,16 +493,10 @@ def _rewrite(gm: fx.GraphModule, d: _Dispatch, plan: _Plan, params, freeze: bool
         _propagate_meta(n)
     masks = {w.args[0] for w in d.wheres}
     building = {n for m in masks for n in (m.args[0], *ancestors(m.args[0], stop={d.sel}))}
-    rows_of_experts = {g for e in range(d.experts) for g in d.tok[e] | d.slot[e]}
-    # everything computed from the old rows (also gathers no expert's output uses), so that no
-    # torch.where survives
-    stale, stack = set(rows_of_experts), list(rows_of_experts)
-    while stack:
-        for u in stack.pop().users:
-            if u not in stale:
-                stale.add(u)
-                stack.append(u)
-    remove_unused(gm, [*old, *d.wheres, *masks, *building, *(w for b in building for w in b.users), *stale])
+    # everything computed from the old rows: every expert's computation, and gathers no expert's
+    # output uses (so that no torch.where survives)
+    stale = _computed_from({g for e in range(d.experts) for g in d.tok[e] | d.slot[e]})
+    remove_unused(gm, [*d.wheres, *masks, *building, *(w for b in building for w in b.users), *stale])
     k = _size(d.sel, 1)
     reason = (f"batched token dispatch: the {d.experts} experts' computations are one graph on per-expert "
               f"parameters ({len(plan.varying)} per expert), every op row-wise; {k} rows per token, each with "
