@@ -19,113 +19,7 @@ import adafuse_compile
 from adafuse_compile.passes import graph_ops
 from adafuse_compile.testing import assert_rewrite, count_calls
 
-D, I, E, R, K = 24, 40, 4, 3, 2
-
-
-class MixLoRAFFN(nn.Module):
-    """MixLoRA as the packages write it: shared gate/up/down, a LoRA per expert on each, the
-    router's top-k tokens gathered per expert with ``torch.where`` and ``index_add_``-ed back."""
-
-    def __init__(self, variant="plain", mask="one_hot", inner=I):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.variant, self.mask = variant, mask
-        self.gate, self.up = nn.Linear(D, inner, bias=False), nn.Linear(D, inner, bias=False)
-        self.down = nn.Linear(inner, D, bias=False)
-        self.router = nn.Linear(D, E, bias=False)
-        rank = inner if variant == "full_experts" else R
-        self.A = nn.ParameterList([nn.Parameter(torch.randn(rank, D, generator=g) / 4) for _ in range(3 * E)])
-        self.B = nn.ParameterList([nn.Parameter(torch.randn(o, rank, generator=g) / 4)
-                                   for _ in range(E) for o in (inner, inner, D)])
-        self.A_down = nn.ParameterList([nn.Parameter(torch.randn(rank, inner, generator=g) / 4) for _ in range(E)])
-
-    def lora(self, h, e, which):
-        a = self.A_down[e] if which == 2 else self.A[3 * e + which]
-        return F.linear(F.linear(h, a), self.B[3 * e + which]) * 2.0
-
-    def expert(self, e, x_rows, gate_rows, up_rows):
-        act = torch.relu if self.variant == "differ" and e == 1 else F.silu
-        h = act(gate_rows + self.lora(x_rows, e, 0)) * (up_rows + self.lora(x_rows, e, 1))
-        if self.variant == "mixes_rows":
-            h = h - h.mean(0)
-        return self.down(h) + self.lora(h, e, 2)
-
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, D)
-        probs = F.softmax(self.router(x), dim=-1)
-        if self.mask == "one_hot":
-            w, sel = torch.topk(probs, K, dim=-1)
-            w = w / w.sum(-1, keepdim=True)
-            mask = F.one_hot(sel, num_classes=E).permute(2, 1, 0)
-        else:  # MoE-PEFT's top-p: every slot, -1 where the cumulative probability is reached
-            w, sel = torch.sort(probs, dim=-1, descending=True)
-            drop = w.cumsum(-1) - w > 0.6
-            w, sel = w.masked_fill(drop, 0.0), sel.masked_fill(drop, -1)
-            mask = torch.empty((E, E, x.shape[0]))
-            for e in range(E):
-                mask[e] = (sel == e).transpose(0, 1)
-        gate, up = self.gate(x), self.up(x)
-        out = torch.zeros_like(x)
-        for e in range(E):
-            slot, tok = torch.where(mask[e])
-            y = self.expert(e, x[None, tok].reshape(-1, D), gate[None, tok].reshape(-1, gate.shape[-1]),
-                            up[None, tok].reshape(-1, up.shape[-1]))
-            out.index_add_(0, tok, y * w[tok, slot, None])
-        return out.reshape(shape)
-
-
-X = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize("mask", ["one_hot", "top_p"])
-def test_mixlora_ffn_dispatch_is_batched_without_data_dependent_sizes(mask):
-    model = MixLoRAFFN(mask=mask).eval()
-    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        (rw,) = assert_rewrite(model, X, before=(torch.where,), after=(graph_ops.expert_linear, graph_ops.dispatch_rows))
-        report = adafuse_compile.explain(model, X)
-    assert count_calls(rw.graph, "index_add_") == 1
-    assert count_calls(rw.graph, torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_size.int) == 0
-    assert [(s.status, s.gate, s.experts, s.k, s.rank) for s in report.sites] == [
-        ("fused", "token dispatch", E, K if mask == "one_hot" else E, R)]
-    # 3 LoRA pairs per expert: six per-expert parameters stacked
-    assert "(6 per expert)" in report.sites[0].reason
-
-
-@pytest.mark.parametrize("variant, reason", [
-    ("differ", "the experts' computations differ"),
-    ("mixes_rows", "is not known to be row-wise"),
-    ("full_experts", "full matrices"),
-])
-def test_dispatch_that_is_not_proved_is_left_with_the_reason(variant, reason):
-    model = MixLoRAFFN(variant, inner=96 if variant == "full_experts" else I).eval()
-    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        (rw,) = assert_rewrite(model, X)
-        report = adafuse_compile.explain(model, X)
-    assert count_calls(rw.graph, graph_ops.expert_linear) == 0
-    assert count_calls(rw.graph, torch.where) == E
-    left = [s for s in report.sites if s.gate is None and s.status == "left" and reason in s.reason]
-    assert left, str(report)
-
-
-def test_with_freeze_the_experts_are_stacked_once_and_weight_updates_are_seen():
-    from torch._dynamo.utils import counters
-
-    model = MixLoRAFFN().eval()
-    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        (rw,) = assert_rewrite(model, X, options={"freeze": True}, after=(graph_ops.expert_linear,))
-        assert count_calls(rw.graph, torch.stack) == 0 and len(rw.derived_inputs) == 6
-        torch._dynamo.reset()
-        counters.clear()
-        fast = adafuse_compile.compile(model, inner="eager", freeze=True)
-        fast(X)
-        model.B[2].mul_(3.0)  # an in-place update of one expert's down B: its version changes
-        torch.testing.assert_close(fast(X), model(X), atol=1e-5, rtol=1e-5)
-        assert counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
-
-
-# --- Property tests: MixLoRA-style blocks drawn by hypothesis ----------------------------------
+# --- MixLoRA-style blocks over a spec (hypothesis draws the specs; the examples pick some) ---
 
 # Each example compiles the block (about 0.5-1.5 s on 2 cores; a left one also runs explain):
 # a small fixed budget under the ci profile (about 30 s for both properties), the profile's own
@@ -193,8 +87,10 @@ _LEFT_EXAMPLES = int(os.environ.get("ADAFUSE_DISPATCH_EXAMPLES",
                                     2 if _SMALL else max(1, settings().max_examples // len(LEFT_REASONS))))
 
 
-class DrawnMixLoRAFFN(nn.Module):
-    """:class:`MixLoRAFFN` generalized over an :class:`FFNSpec` (hypothesis draws the specs)."""
+class MixLoRAFFN(nn.Module):
+    """MixLoRA as the packages write it, over an :class:`FFNSpec`: shared gate/up/down, a LoRA per
+    expert on (some of) them, the router's top-k tokens gathered per expert with ``torch.where``
+    and ``index_add_``-ed back (hypothesis draws the specs; the examples below pick some)."""
 
     def __init__(self, s: FFNSpec):
         super().__init__()
@@ -350,6 +246,58 @@ def _compile(model, x, **kw):
 def _dispatch_reports(sites):
     return [s for s in sites if s.gate == "token dispatch"]
 
+@pytest.mark.parametrize("mask", ["one_hot", "top_p"])
+def test_mixlora_ffn_dispatch_is_batched_without_data_dependent_sizes(mask):
+    spec = FFNSpec(mask=mask, k=2 if mask == "one_hot" else 4)  # top-p as MoE-PEFT: every expert a slot
+    model = MixLoRAFFN(spec).eval()
+    x = model.example()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (rw,) = assert_rewrite(model, x, before=(torch.where,), after=(graph_ops.expert_linear, graph_ops.dispatch_rows))
+        report = adafuse_compile.explain(model, x)
+    assert count_calls(rw.graph, "index_add_") == 1
+    assert count_calls(rw.graph, torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_size.int) == 0
+    assert [(s.status, s.gate, s.experts, s.k, s.rank) for s in report.sites] == [
+        ("fused", "token dispatch", 4, 2 if mask == "one_hot" else 4, 3)]
+    # 3 LoRA pairs per expert: six per-expert parameters stacked
+    assert "(6 per expert)" in report.sites[0].reason
+
+
+@pytest.mark.parametrize("spec, reason", [
+    (FFNSpec(mutation="differ_act", target=1, variant="relu"), "the experts' computations differ"),
+    (FFNSpec(mutation="mix_rows", variant="mean"), "is not known to be row-wise"),
+    (FFNSpec(mutation="full_experts", rank=96, inner=96), "full matrices"),
+], ids=["differ", "mixes_rows", "full_experts"])
+def test_dispatch_that_is_not_proved_is_left_with_the_reason(spec, reason):
+    model = MixLoRAFFN(spec).eval()
+    x = model.example()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (rw,) = assert_rewrite(model, x)
+        report = adafuse_compile.explain(model, x)
+    assert count_calls(rw.graph, graph_ops.expert_linear) == 0
+    assert count_calls(rw.graph, torch.where) == 4
+    left = [s for s in report.sites if s.gate is None and s.status == "left" and reason in s.reason]
+    assert left, str(report)
+
+
+def test_with_freeze_the_experts_are_stacked_once_and_weight_updates_are_seen():
+    from torch._dynamo.utils import counters
+
+    model = MixLoRAFFN(FFNSpec()).eval()
+    x = model.example()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        (rw,) = assert_rewrite(model, x, options={"freeze": True}, after=(graph_ops.expert_linear,))
+        assert count_calls(rw.graph, torch.stack) == 0 and len(rw.derived_inputs) == 6
+        torch._dynamo.reset()
+        counters.clear()
+        fast = adafuse_compile.compile(model, inner="eager", freeze=True)
+        fast(x)
+        model.B["down"][0].mul_(3.0)  # an in-place update of one expert's down B: its version changes
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+# --- Property tests -------------------------------------------------------------------------
 
 @settings(max_examples=_BATCHED_EXAMPLES)
 @given(spec=ffn_specs())
@@ -358,7 +306,7 @@ def test_drawn_mixlora_dispatch_is_batched_and_equals_eager(spec):
     the float64 reference; a nonlinear block over E >= 2 experts is batched into one row-wise
     evaluation (no torch.where left, one index_add_, expert_linear for every per-expert linear)."""
     event("one expert" if spec.experts == 1 else "linear block" if spec.block == "linear" else "batched")
-    model = DrawnMixLoRAFFN(spec).eval()
+    model = MixLoRAFFN(spec).eval()
     rw = _compile(model, model.example())
     assert rw.error is None
     reports = _dispatch_reports(rw.sites)
@@ -387,7 +335,7 @@ def test_drawn_dispatch_that_is_not_proved_is_left_and_equals_eager(mutation, da
     leaves the dispatch as it was, reported by explain with its reason; the output equals eager.
     Every kind of mutation is run (its variant, the expert it changes and the rest are drawn)."""
     spec = data.draw(ffn_specs(mutation), label="spec")
-    model = DrawnMixLoRAFFN(spec).eval()
+    model = MixLoRAFFN(spec).eval()
     x = model.example()
     rw = _compile(model, x)
     assert rw.error is None
@@ -409,7 +357,7 @@ def test_dispatch_into_an_alias_of_the_experts_input_is_left():
     """The accumulator is a view of the tensor the experts read their rows from: expert e sees
     the earlier experts' index_add_ in eager, so batching them would change the result."""
     spec = FFNSpec(experts=2, k=2, d=8, inner=8, rank=2, tokens=(3,), mutation="alias_acc")
-    model = DrawnMixLoRAFFN(spec).eval()
+    model = MixLoRAFFN(spec).eval()
     rw = _compile(model, model.example())  # equal to eager
     assert count_calls(rw.graph, graph_ops.expert_linear) == 0
 
@@ -419,7 +367,7 @@ def test_dispatch_whose_mask_is_edited_in_place_is_left(mask):
     """A mask edited after it was built (a capacity limit dropping token 0) is not what ``sel``
     says: batching by ``sel`` would add the dropped rows back."""
     spec = FFNSpec(experts=2, k=2, d=8, inner=8, rank=2, tokens=(3,), mask=mask, top_p=1.0, mutation="edit_mask")
-    model = DrawnMixLoRAFFN(spec).eval()
+    model = MixLoRAFFN(spec).eval()
     rw = _compile(model, model.example())  # equal to eager
     assert count_calls(rw.graph, graph_ops.expert_linear) == 0
 
@@ -427,6 +375,6 @@ def test_dispatch_whose_mask_is_edited_in_place_is_left(mask):
 def test_batched_dispatch_leaves_no_nonzero_when_the_block_skips_some_gathered_rows():
     """With a LoRA on down only, the gathered rows of x are dead code in the loop: they go too."""
     spec = FFNSpec(experts=2, k=1, d=8, inner=8, rank=2, tokens=(3,), loras=("down",))
-    model = DrawnMixLoRAFFN(spec).eval()
+    model = MixLoRAFFN(spec).eval()
     rw = _compile(model, model.example(), after=(graph_ops.expert_linear,))
     assert count_calls(rw.graph, torch.where) == 0
