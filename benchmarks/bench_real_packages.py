@@ -34,7 +34,6 @@ from adafuse_compile.backend import capture_rewrites
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 import real_packages as rp  # noqa: E402
 
-PEFT_TARGETS = ["q_proj", "v_proj"]
 PEFT_IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
 
 
@@ -66,71 +65,28 @@ def _real(builder: Callable[[], rp.RealModel]) -> Callable[[], tuple[nn.Module, 
 
 
 def _peft_cases(adapters: Callable[[], list[str]]) -> list[Case]:
-    """PEFT X-LoRA, Arrow and Poly on ``adafuse_compile.models.tiny_llama("tiny", 2 layers)``."""
+    """PEFT X-LoRA, Arrow and Poly (``tests/e2e/real_packages.py``) on the tiny Llama."""
 
-    def xlora(top_k, softmax):
-        def build():
-            import peft
-            from adafuse_compile.models import tiny_llama
-
-            torch.manual_seed(0)
-            base = tiny_llama("tiny", num_hidden_layers=2)
-            base.config.use_cache = False  # X-LoRA requires it
-            config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, xlora_depth=1,
-                                      adapters={str(i): p for i, p in enumerate(adapters()[:3])}, top_k_lora=top_k,
-                                      enable_softmax_topk=softmax)
-            return peft.get_peft_model(base, config).eval(), {"input_ids": PEFT_IDS}
-
-        return build
-
-    def arrow():
-        from peft import ArrowConfig
-        from peft.tuners.lora.arrow import create_arrow_model
-        from adafuse_compile.models import tiny_llama
-
-        torch.manual_seed(0)
-        model = create_arrow_model(tiny_llama("tiny", num_hidden_layers=2), adapters(), ArrowConfig(top_k=2)).eval()
-        with torch.no_grad():
-            model(input_ids=PEFT_IDS)  # builds the prototypes
-        return model, {"input_ids": PEFT_IDS}
-
-    def poly():
-        import peft
-        from adafuse_compile.models import tiny_llama
-
-        torch.manual_seed(0)
-        config = peft.PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=3, n_skills=4, n_splits=1,
-                                 target_modules=PEFT_TARGETS)
-        model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=1), config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "poly" in name:
-                    p.normal_()
-        return model, {"input_ids": PEFT_IDS, "task_ids": torch.tensor([0, 2])}
+    def peft_case(build, **extra):
+        return lambda: (build(), {"input_ids": PEFT_IDS, **extra})
 
     return [
-        Case("PEFT X-LoRA, 3 adapters, top_k_lora=None", "peft", "peft", xlora(None, False)),
-        Case("PEFT X-LoRA, 3 adapters, top_k_lora=2 (softmax top-k)", "peft", "peft", xlora(2, True)),
-        Case("PEFT Arrow, 4 adapters, top_k=2", "peft", "peft", arrow),
-        Case("PEFT Poly, 4 skills, 3 tasks", "peft", "peft", poly),
+        Case("PEFT X-LoRA, 3 adapters, top_k_lora=None", "peft", "peft",
+             peft_case(lambda: rp.xlora_model(adapters()[:3]))),
+        Case("PEFT X-LoRA, 3 adapters, top_k_lora=2 (softmax top-k)", "peft", "peft",
+             peft_case(lambda: rp.xlora_model(adapters()[:3], 2, True))),
+        Case("PEFT Arrow, 4 adapters, top_k=2", "peft", "peft", peft_case(lambda: rp.arrow_model(adapters()))),
+        Case("PEFT Poly, 4 skills, 3 tasks", "peft", "peft", peft_case(rp.poly_model, task_ids=torch.tensor([0, 2]))),
     ]
 
 
 def _saved_adapters(root: pathlib.Path) -> Callable[[], list[str]]:
-    """Four saved random LoRA adapters of the tiny Llama (q/v, r=4), made at the first call."""
+    """Four saved random LoRA adapters of the tiny Llama, made at the first call."""
     paths: list[str] = []
 
     def get():
         if not paths:
-            import peft
-            from adafuse_compile.models import tiny_llama
-
-            for i in range(4):
-                torch.manual_seed(i)  # init_lora_weights=False draws from the global RNG
-                model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=2),
-                                            peft.LoraConfig(r=4, target_modules=PEFT_TARGETS, init_lora_weights=False))
-                model.save_pretrained(root / f"a{i}")
-                paths.append(str(root / f"a{i}"))
+            paths.extend(rp.save_lora_adapters(root))
         return paths
 
     return get

@@ -39,25 +39,10 @@ def _moe_peft_mixlora(batch: int):
 
 
 def _xlora(batch: int):
-    import peft
-
-    from adafuse_compile.models import tiny_llama
-
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     size = dict(SIZE, num_key_value_heads=SIZE["num_attention_heads"], max_position_embeddings=64)
-    root = Path(tempfile.mkdtemp())
-    for i in range(3):
-        torch.manual_seed(i)
-        lora = peft.get_peft_model(tiny_llama("tiny", **size), peft.LoraConfig(r=8, target_modules=targets,
-                                                                                init_lora_weights=False))
-        lora.save_pretrained(root / f"a{i}")
-    torch.manual_seed(0)
-    base = tiny_llama("tiny", **size)
-    base.config.use_cache = False
-    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=SIZE["hidden_size"], xlora_depth=1,
-                              adapters={str(i): str(root / f"a{i}") for i in range(3)})
-    model = peft.get_peft_model(base, config).eval()
-    return model, {"input_ids": torch.randint(0, SIZE["vocab_size"], (batch, 1))}
+    paths = R.save_lora_adapters(tempfile.mkdtemp(), 3, rank=8, targets=targets, **size)
+    return R.xlora_model(paths, **size), {"input_ids": torch.randint(0, SIZE["vocab_size"], (batch, 1))}
 
 
 def main(argv=None) -> None:

@@ -41,11 +41,16 @@ from torch import nn
 
 __all__ = [
     "MOE_PEFT_KINDS",
+    "PEFT_TARGETS",
     "RealModel",
+    "arrow_model",
     "eulerforge_model",
     "mixlora_model",
     "moe_peft_model",
+    "poly_model",
+    "save_lora_adapters",
     "tiny_llama_config",
+    "xlora_model",
 ]
 
 VOCAB = 128
@@ -336,3 +341,71 @@ def mixlora_model(*, seed: int = 0) -> RealModel:
             for expert in moe.experts_.values():
                 expert.eval()
     return RealModel("mixlora", _Logits(hf).eval(), _input_ids(seed), hf)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's own mixtures (peft): X-LoRA and Arrow over saved LoRA adapters, Poly. These return the
+# PeftModel itself (called with ``input_ids=``; Poly also ``task_ids=``), on
+# ``adafuse_compile.models.tiny_llama("tiny", ...)`` with 2 layers unless ``llama`` says otherwise.
+# ----------------------------------------------------------------------------------------------
+PEFT_TARGETS = ["q_proj", "v_proj"]
+
+
+def _peft_base(**llama):
+    from adafuse_compile.models import tiny_llama
+
+    return tiny_llama("tiny", **{"num_hidden_layers": 2, **llama})
+
+
+def save_lora_adapters(root, count: int = 4, *, rank: int = 4, targets=PEFT_TARGETS, **llama) -> list[str]:
+    """Paths of ``count`` LoRA adapters (random nonzero weights, adapter ``i`` from seed ``i``)
+    saved under ``root``, as PEFT loads them (``init_lora_weights=False`` draws from the global RNG)."""
+    import peft
+
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = peft.get_peft_model(_peft_base(**llama), peft.LoraConfig(r=rank, target_modules=targets,
+                                                                          init_lora_weights=False))
+        model.save_pretrained(f"{root}/a{i}")
+        paths.append(f"{root}/a{i}")
+    return paths
+
+
+def xlora_model(paths: list[str], top_k_lora=None, enable_softmax_topk: bool = False, **llama):
+    """PEFT X-LoRA over the saved adapters ``paths`` (its classifier of depth 1, seed 0)."""
+    import peft
+
+    torch.manual_seed(0)
+    base = _peft_base(**llama)
+    base.config.use_cache = False  # X-LoRA requires it
+    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, xlora_depth=1,
+                              adapters={str(i): p for i, p in enumerate(paths)}, top_k_lora=top_k_lora,
+                              enable_softmax_topk=enable_softmax_topk)
+    return peft.get_peft_model(base, config).eval()
+
+
+def arrow_model(paths: list[str], top_k: int = 2):
+    """PEFT Arrow over the saved adapters ``paths``, its prototypes built (by a first forward)."""
+    from peft import ArrowConfig
+    from peft.tuners.lora.arrow import create_arrow_model
+
+    torch.manual_seed(0)
+    model = create_arrow_model(_peft_base(), paths, ArrowConfig(top_k=top_k)).eval()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long))
+    return model
+
+
+def poly_model():
+    """PEFT Poly (4 skills, 3 tasks, one layer) with its Poly weights redrawn (nonzero)."""
+    import peft
+
+    torch.manual_seed(0)
+    config = peft.PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=3, n_skills=4, n_splits=1, target_modules=PEFT_TARGETS)
+    model = peft.get_peft_model(_peft_base(num_hidden_layers=1), config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "poly" in name:
+                p.normal_()
+    return model

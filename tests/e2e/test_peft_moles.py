@@ -16,9 +16,11 @@ from adafuse_compile.models import tiny_llama
 from adafuse_compile.passes import graph_ops
 from adafuse_compile.testing import assert_rewrite
 
+import real_packages as rp
+
 peft = pytest.importorskip("peft")
 
-TARGETS = ["q_proj", "v_proj"]
+TARGETS = rp.PEFT_TARGETS
 IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(1))
 OTHER_IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(2))
 
@@ -26,30 +28,12 @@ OTHER_IDS = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_see
 @pytest.fixture(scope="module")
 def saved_adapters(tmp_path_factory):
     """Paths of four saved LoRA adapters (random nonzero weights) of the tiny Llama."""
-    root = tmp_path_factory.mktemp("adapters")
-    paths = []
-    for i in range(4):
-        torch.manual_seed(i)  # init_lora_weights=False draws from the global RNG
-        model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=2),
-                                    peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
-        model.save_pretrained(root / f"a{i}")
-        paths.append(str(root / f"a{i}"))
-    return paths
-
-
-def _xlora(paths, top_k, softmax):
-    torch.manual_seed(0)
-    base = tiny_llama("tiny", num_hidden_layers=2)
-    base.config.use_cache = False  # X-LoRA requires it
-    config = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, xlora_depth=1,
-                              adapters={str(i): p for i, p in enumerate(paths[:3])}, top_k_lora=top_k,
-                              enable_softmax_topk=softmax)
-    return peft.get_peft_model(base, config).eval()
+    return rp.save_lora_adapters(tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.mark.parametrize("top_k, softmax", [(None, False), (2, True)])
 def test_xlora_decision_from_the_scaling_pass_is_fused(saved_adapters, top_k, softmax):
-    model = _xlora(saved_adapters, top_k, softmax)
+    model = rp.xlora_model(saved_adapters[:3], top_k, softmax)
     with torch.no_grad():
         report = adafuse_compile.explain(model, input_ids=IDS)
     # X-LoRA's hooks split the forward into several graphs (a site may be seen in more than one)
@@ -66,13 +50,8 @@ def test_xlora_decision_from_the_scaling_pass_is_fused(saved_adapters, top_k, so
 
 
 def test_arrow_router_in_a_lazily_built_buffer_is_fused(saved_adapters):
-    from peft import ArrowConfig
-    from peft.tuners.lora.arrow import create_arrow_model
-
-    torch.manual_seed(0)
-    model = create_arrow_model(tiny_llama("tiny", num_hidden_layers=2), saved_adapters, ArrowConfig(top_k=2)).eval()
+    model = rp.arrow_model(saved_adapters)  # its first forward builds the prototypes
     with torch.no_grad():
-        model(input_ids=IDS)  # builds the prototypes
         report = adafuse_compile.explain(model, input_ids=IDS)
     assert [s.status for s in report.sites] == ["fused"] * 4, str(report)
     assert all(s.experts == 4 for s in report.sites)
@@ -80,13 +59,8 @@ def test_arrow_router_in_a_lazily_built_buffer_is_fused(saved_adapters):
 
 
 def test_poly_mixes_A_and_B_per_task_and_is_never_fused():
-    torch.manual_seed(0)
-    config = peft.PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=3, n_skills=4, n_splits=1, target_modules=TARGETS)
-    model = peft.get_peft_model(tiny_llama("tiny", num_hidden_layers=1), config).eval()
+    model = rp.poly_model()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "poly" in name:
-                p.normal_()
         tasks = torch.tensor([0, 2])
         report = adafuse_compile.explain(model, input_ids=IDS, task_ids=tasks)
         expected = model(input_ids=IDS, task_ids=tasks).logits
