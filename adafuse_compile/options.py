@@ -36,11 +36,12 @@ class AdafuseOptions:
         fuse: rewrite each verified MoLE site into one ``adafuse::lora_moe_linear`` call
             (:class:`adafuse_compile.passes.FuseMoLEPass`).
         lowering: what a fused site becomes: ``"op"`` (the custom op: C++ kernel on CPU, Triton
-            on CUDA), ``"decomposed"`` (the gathered form in plain torch ops, for Inductor to
-            fuse), or ``"auto"`` (default): decomposed when Inductor compiles for CPU, the op
-            otherwise. Medium model, batch-1 decode (benchmarks/bench_decode.py): equal within
-            noise (MoLA style 1.18 vs 1.19x the backbone; stacked 1.10 vs 1.10), but one earlier
-            run had the op at 1.16x where Inductor's own code for the same site was 1.08x.
+            on CUDA; on CPU a site's own top-k router moves into it too,
+            :class:`adafuse_compile.passes.RouteIntoSitesPass`), ``"decomposed"`` (the gathered
+            form in plain torch ops, for Inductor to fuse), or ``"auto"`` (default): the op,
+            except for Inductor on a CPU where the C++ kernels cannot be built. Small model,
+            decode, ratio to the backbone, decomposed vs op: 1.20 vs 1.17 (stacked, batch 1),
+            1.69 vs 1.44 (MoLA style, batch 8).
         hoist: routers of sites that read the same tensor (q/k/v; gate/up) run as one batched
             matmul on stacked weights (:class:`adafuse_compile.passes.HoistRoutersPass`), in
             graphs with a static token count only, where the batched matmul was checked to give

@@ -10,8 +10,10 @@ import math
 
 import torch
 
-__all__ = ["assert_close_to_reference", "assert_equivalent", "assert_rewrite", "check_pass", "compile_and_capture",
-           "compile_and_capture_rewrites", "count_calls", "tolerance"]
+from .passes.graph_ops import fused_site, routed_site
+
+__all__ = ["FUSED_SITES", "assert_close_to_reference", "assert_equivalent", "assert_rewrite", "check_pass",
+           "compile_and_capture", "compile_and_capture_rewrites", "count_calls", "count_fused", "tolerance"]
 
 # Absolute/relative tolerance per dtype for a short reduction (n <= 256) with O(1) operands.
 _BASE_TOL = {
@@ -20,6 +22,11 @@ _BASE_TOL = {
     torch.float16: 1e-3,
     torch.bfloat16: 1.6e-2,
 }
+
+
+FUSED_SITES = (fused_site, routed_site)
+"""What a fused site becomes in a rewritten graph: its op with the decision as an input, or,
+when its own top-k router moved into it (CPU), with the router's input and weight."""
 
 
 def tolerance(dtype: torch.dtype, reduction: int = 1) -> float:
@@ -101,13 +108,16 @@ def assert_rewrite(model, *args, before=(), after=(), options=None, reduction: i
     tests declare ``ops_in_model_before/after``): every target in ``before`` is called in some
     graph Dynamo captured and in no rewritten graph; every target in ``after`` is called in some
     rewritten graph. Targets are functions (``F.linear``, ``graph_ops.fused_site``) or method
-    names. Returns the :class:`~adafuse_compile.backend.Rewrite` of each graph."""
+    names, or tuples of them (any one of them). Returns the
+    :class:`~adafuse_compile.backend.Rewrite` of each graph."""
     rewrites = _equivalent_rewrites(model, args, kwargs, options, reduction)
     for target in before:
-        assert any(count_calls(rw.original, target) for rw in rewrites), f"{target} not in the captured graph"
-        assert not any(count_calls(rw.graph, target) for rw in rewrites), f"{target} still called after the rewrite"
+        targets = target if isinstance(target, tuple) else (target,)
+        assert any(count_calls(rw.original, *targets) for rw in rewrites), f"{target} not in the captured graph"
+        assert not any(count_calls(rw.graph, *targets) for rw in rewrites), f"{target} still called after the rewrite"
     for target in after:
-        assert any(count_calls(rw.graph, target) for rw in rewrites), f"{target} not called after the rewrite"
+        targets = target if isinstance(target, tuple) else (target,)
+        assert any(count_calls(rw.graph, *targets) for rw in rewrites), f"{target} not called after the rewrite"
     return rewrites
 
 
@@ -130,6 +140,11 @@ def _equivalent_rewrites(model, args, kwargs, options, reduction):
         assert_close_to_reference(expected, reference, reduction=reduction, msg="eager vs float64")
         assert_close_to_reference(actual, reference, reduction=reduction, msg="adafuse vs float64")
     return rewrites
+
+
+def count_fused(gm: torch.fx.GraphModule) -> int:
+    """How many fused sites ``gm`` calls, in either form (:data:`FUSED_SITES`)."""
+    return count_calls(gm, *FUSED_SITES)
 
 
 def count_calls(gm: torch.fx.GraphModule, *targets) -> int:

@@ -4,12 +4,14 @@ Each op has a pure-torch reference (:mod:`.reference`), a fake impl for tracing,
 impl and a Triton kernel for CUDA (``*_triton.py``, imported only when a CUDA tensor arrives).
 """
 
-from .lora_moe_linear import check_lora_moe_args, lora_moe_linear
+from .lora_moe_linear import check_lora_moe_args, lora_moe_linear, lora_moe_linear_lists, routed_lora_moe_linear
 from .merge_ops import merge_rebase_, merge_switch_, switch_coefficients
 
 __all__ = [
     "check_lora_moe_args",
     "lora_moe_linear",
+    "lora_moe_linear_lists",
+    "routed_lora_moe_linear",
     "merge_rebase_",
     "merge_switch_",
     "switch_coefficients",

@@ -95,3 +95,25 @@ def merge_rebase_ref(
 ) -> list[torch.Tensor]:
     """``W_n = base_n + delta_n(decision)``: merging from pristine weights, with no drift."""
     return [base + merged_delta_ref(A, B, s, idx, g) for base, A, B, s in zip(bases, As, Bs, scales)]
+
+
+def topk_route(router_input: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor | None, *,
+               k: int, softmax_first: bool, renorm: bool, softmax_dtype: torch.dtype | None = None,
+               gate_dtype: torch.dtype | None = None, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, g) [T, k]``: a linear router's top-k decision, in the two orders MoLE code uses.
+
+    ``softmax_first``: softmax over all experts, top-k of the probabilities, and with ``renorm``
+    the k weights divided by their sum (MixLoRA, MoLA, Mixtral's HF code); otherwise top-k of
+    the logits, then softmax over the k (X-LoRA style). ``gate_dtype`` casts the weights last.
+    These are the ATen calls, in order, that ``adafuse::routed_lora_moe_linear`` makes, so its
+    decision is bitwise this function's (and the model code's it was matched from).
+    """
+    logits = torch.nn.functional.linear(router_input, router_weight, router_bias)
+    if softmax_first:
+        g, idx = torch.topk(torch.softmax(logits, -1, dtype=softmax_dtype), k, -1, True, sorted)
+        if renorm:
+            g = g / g.sum(-1, keepdim=True)
+    else:
+        g, idx = torch.topk(logits, k, -1, True, sorted)
+        g = torch.softmax(g, -1, dtype=softmax_dtype)
+    return idx, (g if gate_dtype is None else g.to(gate_dtype))

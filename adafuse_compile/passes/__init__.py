@@ -5,6 +5,7 @@ Passes, in order: :class:`NormalizeLinearsPass` (``nn.Linear`` modules -> ``F.li
 first to a ``symbolic_trace`` graph), :class:`SliceLinearRowsPass` (a linear read in row slices
 computes those rows only), :class:`FoldStaticLoRAPass` (static LoRA into the base weight),
 :class:`FuseMoLEPass` (find sites, prove each rewrite, one fused op per site),
+:class:`RouteIntoSitesPass` (a site's own top-k router into its op, CPU ``op`` lowering),
 :class:`HoistRoutersPass` (routers reading one tensor: one batched matmul, bitwise-equal logits),
 :class:`MergeSwitchPass` (the sites of one pre-gate decision: a group that merges or fuses per step).
 """
@@ -16,7 +17,9 @@ from .hoist_routers import HoistRoutersPass
 from .manager import GraphPass, PassManager
 from .merge_switch import GroupReport, MergeSwitchPass
 from .normalize import NormalizeLinearsPass, SliceLinearRowsPass
+from .route import RouteIntoSitesPass
 from .sites import Site, find_sites
 
-__all__ = ["BatchTokenDispatchPass", "FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "Site", "SliceLinearRowsPass",
+__all__ = ["BatchTokenDispatchPass", "FoldStaticLoRAPass", "FuseMoLEPass", "GraphPass", "GroupReport", "HoistRoutersPass", "MergeSwitchPass", "NormalizeLinearsPass", "PassManager", "RouteIntoSitesPass", "Site",
+           "SliceLinearRowsPass",
            "SiteReport", "find_sites"]

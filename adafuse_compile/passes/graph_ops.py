@@ -18,12 +18,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..kernels import lora_moe_linear
+from ..kernels import lora_moe_linear, lora_moe_linear_lists, routed_lora_moe_linear
 from ..kernels.reference import lora_moe_delta_ref, lora_moe_linear_ref
 from ..runtime.switched_ops import group_decide, group_site_linear
 
 __all__ = ["canonical_A", "canonical_B", "dispatch_rows", "empty_linear_output", "expert_linear", "rows_where", "fused_site", "group_decision", "group_site", "hoisted_logits",
-           "is_call", "router_logits", "site_operands"]
+           "is_call", "routed_site", "router_logits", "site_operands"]
 
 
 def is_call(node: fx.Node, fn) -> bool:
@@ -94,14 +94,25 @@ def canonical_B(B, layout: str) -> torch.Tensor:
 def site_operands(x, A, B, idx, g, A_layout, B_layout):
     """``(x [T, in], A, B, idx [T, k] int64, g [T, k])`` as the fused ops take them: canonical
     expert layouts, tokens flattened, the dense or static decision made explicit."""
-    A, B = canonical_A(A, A_layout), canonical_B(B, B_layout)
+    x2, idx, g = _tokens_and_decision(x, idx, g)
+    return x2, canonical_A(A, A_layout), canonical_B(B, B_layout), idx, g
+
+
+def _tokens_and_decision(x, idx, g):
+    """``(x [T, in], idx [T, k] int64, g [T, k])``: tokens flattened, the dense or static
+    decision made explicit."""
     x2 = x.reshape(-1, x.shape[-1])  # routing may run on flattened tokens (MixLoRA): the
     if g is None:  # static LoRA          # verification compared in this flattened order
         g = torch.ones(x2.shape[0], 1, dtype=x.dtype, device=x.device)
     g = g.reshape(-1, g.shape[-1])
     if idx is None:  # every expert (a dense gate), or the one static adapter
         idx = torch.arange(g.shape[-1], device=g.device).expand(g.shape)
-    return x2, A, B, idx.reshape(-1, g.shape[-1]).to(torch.int64), g
+    return x2, idx.reshape(-1, g.shape[-1]).to(torch.int64), g
+
+
+def _expert_list(t, layout: str, canonical) -> list:
+    """One factor's per-expert matrices: the list itself, or views into the stacked tensor."""
+    return list(t) if layout == "list" else list(canonical(t, layout).unbind(0))
 
 
 def fused_site(x, weight, bias, A, B, idx, g, *, scale: float, A_layout: str, B_layout: str, out_dtype,
@@ -112,6 +123,14 @@ def fused_site(x, weight, bias, A, B, idx, g, *, scale: float, A_layout: str, B_
     ``"decomposed"`` computes the same in plain torch ops (the gathered form of
     :func:`~adafuse_compile.kernels.reference.lora_moe_linear_ref`) for Inductor to fuse.
     """
+    if lowering == "op" and "list" in (A_layout, B_layout):
+        # Experts held one tensor each: the op reads them in place (stacking them copied every
+        # expert at every step: ~90 us per site of the small model at batch 8).
+        As, Bs = _expert_list(A, A_layout, canonical_A), _expert_list(B, B_layout, canonical_B)
+        if all(t.dtype == x.dtype for t in (weight, *As, *Bs)):
+            x2, idx, g = _tokens_and_decision(x, idx, g)
+            y = lora_moe_linear_lists(x2, weight, bias, As, Bs, idx, g, scale)
+            return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
     x2, A, B, idx, g = site_operands(x, A, B, idx, g, A_layout, B_layout)
     if A.dtype != x.dtype or B.dtype != x.dtype or weight.dtype != x.dtype:
         # Adapters in another dtype than the base (PEFT keeps them in float32 on a bf16 model):
@@ -159,3 +178,19 @@ def hoisted_logits(inp: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
 def router_logits(logits: torch.Tensor, *, router: int, like: torch.Tensor) -> torch.Tensor:
     """Router ``router``'s logits from :func:`hoisted_logits`, shaped for the input ``like``."""
     return logits[router].view(*like.shape[:-1], logits.shape[-1])
+
+
+def routed_site(x, weight, bias, router_input, router_weight, router_bias, A, B, *, k: int, softmax_first: bool,
+                renorm: bool, softmax_dtype, gate_dtype, sorted: bool, scale: float, A_layout: str, B_layout: str,
+                out_dtype):
+    """:func:`fused_site` whose top-k router runs inside the op (:mod:`.route`): the decision is
+    :func:`~adafuse_compile.kernels.reference.topk_route` of ``router_input``."""
+    if "list" in (A_layout, B_layout):
+        As, Bs = _expert_list(A, A_layout, canonical_A), _expert_list(B, B_layout, canonical_B)
+    else:
+        As, Bs = [canonical_A(A, A_layout)], [canonical_B(B, B_layout)]
+    y = routed_lora_moe_linear(
+        x.reshape(-1, x.shape[-1]), weight, bias, router_input.reshape(-1, router_input.shape[-1]), router_weight,
+        router_bias, As, Bs, k=k, softmax_first=softmax_first, renorm=renorm, softmax_dtype=softmax_dtype,
+        gate_dtype=gate_dtype, sorted=sorted, scale=scale)
+    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)

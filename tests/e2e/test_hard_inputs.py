@@ -24,8 +24,7 @@ from adafuse_compile.models import add_lora_moe, load_adapters, save_adapters, t
 from adafuse_compile.models.layers import LoRAMoELinear
 from adafuse_compile.models.styles import MoLAStyleLinear, StyledMLP, _seeded_base
 from adafuse_compile.passes import GraphPass
-from adafuse_compile.passes.graph_ops import fused_site
-from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
+from adafuse_compile.testing import FUSED_SITES, assert_equivalent, compile_and_capture, count_fused
 
 PACKAGE = pathlib.Path(adafuse_compile.__file__).parent
 
@@ -71,7 +70,7 @@ class SabotagePass(GraphPass):
 
     def __call__(self, gm, example_inputs=None):
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is fused_site:
+            if node.op == "call_function" and node.target in FUSED_SITES:
                 node.target = lambda *args: torch.zeros(())
         raise RuntimeError("sabotaged on purpose")
 
@@ -105,7 +104,7 @@ def test_failing_pass_warns_with_its_cause_and_the_graph_before_it_is_compiled(s
     # What the real passes did survives: both sites were still fused before the failing pass.
     with torch.no_grad():
         _, (gm,) = compile_and_capture(model, x)
-    assert count_calls(gm, fused_site) == 2
+    assert count_fused(gm) == 2
 
 
 def test_failing_pass_raises_through_the_backend_when_strict(sabotaged):
@@ -174,7 +173,7 @@ def test_bias_in_A_is_left_with_a_reason():
     model = ExpertLoop(bias_in_A=True).eval()
     x = torch.randn(5, 24)
     (gm,) = assert_equivalent(model, x, reduction=30)
-    assert count_calls(gm, fused_site) == 0
+    assert count_fused(gm) == 0
     (site,) = _explain(model, x).sites
     assert site.status == "left" and "linear with a bias inside an adapter term" in site.reason
 
@@ -193,7 +192,7 @@ def test_top_k_with_ties_routes_exactly_as_eager(ties):
     with torch.no_grad():
         out, (gm,) = compile_and_capture(model, x)
         expected = model(x)
-    assert count_calls(gm, fused_site) == 1
+    assert count_fused(gm) == 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -207,7 +206,7 @@ def test_degenerate_sizes_are_exact_or_left(E, k, T):
         (site,) = _explain(model, x).sites
     assert out.shape == expected.shape == (T, 20)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert count_calls(gm, fused_site) == (site.status == "fused")
+    assert count_fused(gm) == (site.status == "fused")
     if T:  # with tokens there is something to verify on: these must be fused
         assert (site.status, site.experts, site.k) == ("fused", E, k)
     else:
@@ -240,7 +239,7 @@ def _compiled_style(style):
 
 
 @settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow])  # ~3 per style: values, not compiles
-@given(style=st.sampled_from(["mola", "mixlora", "stacked", "xlora", "peft"]),  # loop, dispatch, gather, dense, fold
+@given(style=st.sampled_from(["mola", "mixlora", "stacked", "xlora", "peft"]),  # loop, dispatch, gather, dense, static
        seed=st.integers(0, 2**16), specials=st.lists(st.sampled_from([float("nan"), float("inf"), -float("inf")]),
                                                      min_size=1, max_size=4))
 def test_nan_and_inf_inputs_give_what_eager_gives(style, seed, specials):
@@ -254,7 +253,7 @@ def test_nan_and_inf_inputs_give_what_eager_gives(style, seed, specials):
         out = fast(x)
         expected = model(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
-    assert len(graphs) == 1 and count_calls(graphs[0], fused_site) == (0 if style == "peft" else 2)
+    assert len(graphs) == 1 and count_fused(graphs[0]) == 2  # static PEFT LoRA too: fused, not folded, by default
 
 
 # ------------------------------------------------------------------------------- graph breaks
@@ -316,7 +315,7 @@ def test_graph_breaks_in_adapters_stay_correct_and_are_explained(capsys):
         expected = model(x)
         report = adafuse_compile.explain(model, x, plain_torch_compile=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert sum(count_calls(gm, fused_site) for gm in graphs) == 1
+    assert sum(count_fused(gm) for gm in graphs) == 1
     assert [(s.path, s.status) for s in report.sites if s.status != "left"] == [("fc1", "fused")]
     assert report.graph_breaks >= len(BREAK_REASONS)
     for mode, reason in BREAK_REASONS.items():
@@ -408,7 +407,7 @@ def test_adapter_weights_loaded_after_compile_are_used_by_the_next_call(tmp_path
 
 
 @pytest.mark.parametrize("change", ["copy_", "new Parameter", "router"])
-def testfused_site_follows_mutated_parameters(change):
+def test_fused_site_follows_mutated_parameters(change):
     layer = LoRAMoELinear(nn.Linear(16, 12), experts=4, rank=3, top_k=2).eval()
     x = torch.randn(5, 16)
     torch._dynamo.reset()

@@ -13,8 +13,7 @@ import torch
 
 import adafuse_compile
 from adafuse_compile.models import tiny_llama
-from adafuse_compile.passes import graph_ops
-from adafuse_compile.testing import assert_rewrite
+from adafuse_compile.testing import FUSED_SITES, assert_rewrite
 
 import real_packages as rp
 
@@ -41,7 +40,7 @@ def test_xlora_decision_from_the_scaling_pass_is_fused(saved_adapters, top_k, so
                                                                   for p in TARGETS}, str(report)
     assert all(s.status == "fused" and s.gate == "pre-gated dense" and s.experts == 3 for s in report.sites), \
         str(report)
-    assert_rewrite(model, input_ids=IDS, after=(graph_ops.fused_site,))
+    assert_rewrite(model, input_ids=IDS, after=(FUSED_SITES,))
     fast = adafuse_compile.compile(model, inner="eager")
     with torch.no_grad():  # another input, so another decision: read at run time, not baked in
         for ids in (IDS, OTHER_IDS):
@@ -55,7 +54,7 @@ def test_arrow_router_in_a_lazily_built_buffer_is_fused(saved_adapters):
         report = adafuse_compile.explain(model, input_ids=IDS)
     assert [s.status for s in report.sites] == ["fused"] * 4, str(report)
     assert all(s.experts == 4 for s in report.sites)
-    assert_rewrite(model, input_ids=OTHER_IDS, after=(graph_ops.fused_site,))
+    assert_rewrite(model, input_ids=OTHER_IDS, after=(FUSED_SITES,))
 
 
 def test_poly_mixes_A_and_B_per_task_and_is_never_fused():

@@ -5,8 +5,8 @@ import torch
 
 from adafuse_compile.backend import adafuse_backend, capture_rewrites
 from adafuse_compile.models import add_lora_moe, tiny_llama
-from adafuse_compile.passes.graph_ops import fused_site
-from adafuse_compile.testing import compile_and_capture, count_calls, tolerance
+from adafuse_compile.passes.graph_ops import routed_site
+from adafuse_compile.testing import compile_and_capture, count_fused, tolerance
 
 
 def _model(dtype=None):
@@ -41,10 +41,13 @@ def test_low_precision_models_route_in_float32_and_stay_as_accurate_as_eager(dty
         eager = model(ids).logits.double()
         reference = _model().double()(ids).logits
     got = out.logits
-    assert got.dtype == dtype and count_calls(gm, fused_site) == 7
-    topks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.topk]
-    assert len(topks) == 7  # the routing stays in the rewritten graph, on float32 scores
-    assert all(n.args[0].meta["example_value"].dtype == torch.float32 for n in topks)
+    assert got.dtype == dtype and count_fused(gm) == 7
+    # Routing on float32 scores: the site's router moved into its op with a float32 input and
+    # weight (RouteIntoSitesPass), or a top-k left in the graph on float32 scores.
+    topks = [n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.topk]
+    routed = [n.args[3:5] for n in gm.graph.nodes if n.op == "call_function" and n.target is routed_site]
+    assert len(topks) + len(routed) == 7
+    assert all(t.meta["example_value"].dtype == torch.float32 for t in [*topks, *(a for r in routed for a in r)])
     mag = reference.abs().max().item()
     tol = tolerance(dtype, 256) * max(1.0, mag)
     eager_err = (eager - reference).abs().max().item()
@@ -66,7 +69,7 @@ def test_varying_batch_and_length_compile_twice_and_fuse_with_symbolic_shapes():
             torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert len(graphs) == 2
-    assert [count_calls(gm, fused_site) for gm in graphs] == [7, 7]
+    assert [count_fused(gm) for gm in graphs] == [7, 7]
     symbolic = [n for n in graphs[1].graph.nodes if n.op == "placeholder"
                 and isinstance(n.meta.get("example_value"), torch.SymInt)]
     assert len(symbolic) >= 2  # batch and sequence length
@@ -88,4 +91,4 @@ def test_dynamic_true_is_correct_and_every_site_is_fused_or_left_with_the_reason
     (sites,) = reports
     assert len(sites) == 7
     assert all(s.status == "fused" or (s.status == "left" and "scaling" in s.reason) for s in sites)
-    assert count_calls(graphs[0], fused_site) == sum(s.status == "fused" for s in sites)
+    assert count_fused(graphs[0]) == sum(s.status == "fused" for s in sites)

@@ -1,4 +1,5 @@
-"""adafuse::lora_moe_linear against its float64 reference, on both CPU paths, plus opcheck."""
+"""adafuse::lora_moe_linear and adafuse::lora_moe_linear_lists against their float64 reference, on both
+CPU paths, plus opcheck."""
 
 import importlib
 import os
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from lora_cases import lora_reference as reference
 from lora_cases import make_lora_case as make_case
 
-from adafuse_compile.kernels import lora_moe_linear
+from adafuse_compile.kernels import lora_moe_linear, lora_moe_linear_lists
 from adafuse_compile.kernels.cpu_extension import load_cpu_kernels
 from adafuse_compile.kernels.lora_moe_linear import lora_moe_linear_torch
 from adafuse_compile.testing import assert_close_to_reference
@@ -157,7 +158,7 @@ def test_backward_raises_instead_of_returning_wrong_gradients():
     x, W, b, A, B, idx, g = make_case(3, 16, 12, 4, 4, 2, dtype=torch.float32)
     A.requires_grad_(True)
     y = lora_moe_linear(x, W, b, A, B, idx, g, 1.0)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with pytest.raises(RuntimeError, match="derivative for adafuse::lora_moe_linear is not implemented"):
         y.sum().backward()
 
 
@@ -177,3 +178,270 @@ def test_disabling_the_cpu_kernel_falls_back_to_the_torch_path():
     env = {**os.environ, "ADAFUSE_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+# --- adafuse::lora_moe_linear_lists, and the in-place reads of strided factors ------------------
+
+
+def _as_lists(A, B):
+    """Stacked factors as lists of per-expert tensors (a shared A -> a one-element list)."""
+    return list(A.unbind(0)), list(B.unbind(0))
+
+
+def _lists_impl(x, W, b, A, B, idx, g, scale):
+    return lora_moe_linear_lists(x, W, b, *_as_lists(A, B), idx, g, scale)
+
+
+def test_lists_cpu_kernel_is_registered():
+    assert load_cpu_kernels()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("adafuse::lora_moe_linear_lists", "CPU")
+
+
+@given(case_params)
+def test_lists_matches_reference(p):
+    # Same draws as test_matches_reference: T in 0..64 covers the token loops and the GEMM path.
+    load_cpu_kernels()
+    _run_case(p, impl=_lists_impl)
+
+
+def _layout(t, how):
+    """The values of ``t [..., m, n]`` in another memory layout.
+
+    ``transposed``: stored ``[..., n, m]`` and viewed back (unit stride on dim -2, read in place);
+    ``step2``: every other column of a wider tensor (no unit stride: the kernel must copy);
+    ``expanded`` (stacked only): expert 0 broadcast over the experts with stride 0.
+    """
+    if how == "contiguous":
+        return t.contiguous()
+    if how == "transposed":
+        v = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert v.stride(-2) == 1 or t.shape[-2] == 1
+        return v
+    if how == "step2":
+        wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+        wide[..., ::2] = t
+        v = wide[..., ::2]
+        assert v.stride(-1) == 2
+        return v
+    if how == "expanded":
+        return t[:1].expand_as(t)
+    raise ValueError(how)
+
+
+def _list_layout(ts, how):
+    """Per-expert tensors ``[m, n]`` in one layout; ``mixed``: expert 0 contiguous, the others
+    transposed views (different strides: the kernel must copy them all)."""
+    if how == "mixed":
+        return [t.contiguous() if e == 0 else _layout(t, "transposed") for e, t in enumerate(ts)]
+    return [_layout(t, how) for t in ts]
+
+
+STACKED_LAYOUTS = ["contiguous", "transposed", "step2", "expanded"]
+LIST_LAYOUTS = ["contiguous", "transposed", "step2", "mixed"]
+
+
+@pytest.mark.parametrize("T", [3, 40], ids=["loops", "gemm"])
+@pytest.mark.parametrize("r", [5, 8])
+@pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
+@pytest.mark.parametrize("b_layout", STACKED_LAYOUTS[:3])
+@pytest.mark.parametrize("a_layout", STACKED_LAYOUTS)
+def test_stacked_strided_factors(a_layout, b_layout, shared_A, r, T):
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 37, 29, r, 4, 2, dtype=torch.float32, shared_A=shared_A, seed=r + T)
+    A_s, B_s = _layout(A, a_layout), _layout(B, b_layout)
+    ref = reference(x, W, b, A_s, B_s, idx, g, 2.0)
+    y = lora_moe_linear(x, W, b, A_s, B_s, idx, g, 2.0)
+    assert_close_to_reference(y, ref, reduction=37)
+    # The same values stored contiguously give the same result.
+    y_contig = lora_moe_linear(x, W, b, A_s.contiguous(), B_s.contiguous(), idx, g, 2.0)
+    assert_close_to_reference(y, y_contig.double(), reduction=37)
+
+
+@pytest.mark.parametrize("T", [3, 40], ids=["loops", "gemm"])
+@pytest.mark.parametrize("r", [5, 8])
+@pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
+@pytest.mark.parametrize("b_layout", LIST_LAYOUTS)
+@pytest.mark.parametrize("a_layout", LIST_LAYOUTS)
+def test_lists_strided_factors(a_layout, b_layout, shared_A, r, T):
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 37, 29, r, 4, 2, dtype=torch.float32, shared_A=shared_A, seed=r + T)
+    As, Bs = _as_lists(A, B)
+    As, Bs = _list_layout(As, a_layout), _list_layout(Bs, b_layout)
+    y = lora_moe_linear_lists(x, W, b, As, Bs, idx, g, 2.0)
+    assert_close_to_reference(y, reference(x, W, b, A, B, idx, g, 2.0), reduction=37)
+    y_stacked = lora_moe_linear(x, W, b, A, B, idx, g, 2.0)
+    assert_close_to_reference(y, y_stacked.double(), reduction=37)
+
+
+@pytest.mark.parametrize(
+    "layout", [("transposed", "transposed"), ("transposed", "contiguous"), ("contiguous", "transposed"),
+               ("step2", "step2"), ("expanded", "transposed")],
+    ids=lambda lay: "-".join(lay),
+)
+@given(p=case_params, lists=st.booleans())
+def test_strided_factors_match_reference(layout, p, lists):
+    # Random shapes include the degenerate ones (r, in or out of 1) whose strides are ambiguous.
+    load_cpu_kernels()
+    a_layout, b_layout = layout
+    if lists:
+        a_layout = "mixed" if a_layout == "expanded" else a_layout
+
+        def impl(x, W, b, A, B, idx, g, scale):
+            As, Bs = _as_lists(A, B)
+            return lora_moe_linear_lists(x, W, b, _list_layout(As, a_layout), _list_layout(Bs, b_layout),
+                                         idx, g, scale)
+    else:
+        def impl(x, W, b, A, B, idx, g, scale):
+            return lora_moe_linear(x, W, b, _layout(A, a_layout), _layout(B, b_layout), idx, g, scale)
+
+    if not lists and a_layout == "expanded":
+        # The reference must see the broadcast values too.
+        k = 1 + int(p["k_frac"] * (p["E"] - 1))
+        args = list(make_case(
+            p["T"], p["in_f"], p["out_f"], p["r"], p["E"], k, dtype=p["dtype"],
+            shared_A=p["shared_A"], bias=p["bias"], seed=p["seed"], dup=p["dup"],
+        ))
+        args[3] = _layout(args[3], "expanded")
+        y = lora_moe_linear(*args[:4], _layout(args[4], b_layout), *args[5:], p["scale"])
+        assert_close_to_reference(y, reference(*args, p["scale"]), reduction=p["in_f"] + k * p["r"])
+        return
+    _run_case(p, impl=impl)
+
+
+# Each fixed-rank expand (4..64), generic ranks, out = 37 (the AVX2 path's 5-row scalar tail).
+# float32 with r % 8 == 0 takes the AVX2 path where built with it; the other dtypes take the
+# compile-time-rank loops.
+@pytest.mark.parametrize("T", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [4, 8, 16, 32, 64, 5, 12])
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+def test_every_rank_path(lists, r, dtype, T):
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 24, 37, r, 4, 2, dtype=dtype, seed=r * 10 + T)
+    impl = _lists_impl if lists else lora_moe_linear
+    y = impl(x, W, b, A, B, idx, g, 1.5)
+    assert_close_to_reference(y, reference(x, W, b, A, B, idx, g, 1.5), reduction=24 + 2 * r)
+
+
+@pytest.mark.parametrize("T,k,out", [(4, 2, 256), (3, 3, 256), (5, 2, 37)], ids=["T4k2", "T3k3-split-token", "out37"])
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+def test_thread_chunks_match_one_thread(lists, T, k, out):
+    """in=256, r=8: enough work per call that the (token, choice) pairs are split into one
+    partial sum per thread; the result must not depend on the thread count."""
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 256, out, 8, 4, k, dtype=torch.float32, seed=T + k)
+    impl = _lists_impl if lists else lora_moe_linear
+    ref = reference(x, W, b, A, B, idx, g, 2.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = impl(x, W, b, A, B, idx, g, 2.0)
+        torch.set_num_threads(2)
+        y2 = impl(x, W, b, A, B, idx, g, 2.0)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_reference(y1, ref, reduction=256 + k * 8)
+    assert_close_to_reference(y2, ref, reduction=256 + k * 8)
+    assert_close_to_reference(y2, y1.double(), reduction=256 + k * 8)
+
+
+@pytest.mark.parametrize("bad", [4, -1, 100])
+@pytest.mark.parametrize("T", [2, 40], ids=["loops", "gemm"])
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+def test_out_of_range_expert_index_raises_on_every_path(lists, T, bad):
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 16, 12, 4, 4, 2, dtype=torch.float32)
+    idx[T - 1, 0] = bad
+    impl = _lists_impl if lists else lora_moe_linear
+    with pytest.raises((RuntimeError, IndexError), match="expert|index"):
+        impl(x, W, b, A, B, idx, g, 1.0)
+
+
+def test_lists_opcheck():
+    load_cpu_kernels()  # check the kernel that serves CPU calls
+    op = torch.ops.adafuse.lora_moe_linear_lists.default
+    for T, shared_A, bias, how in [(1, False, True, "contiguous"), (7, True, False, "contiguous"),
+                                   (0, False, True, "contiguous"), (12, False, False, "contiguous"),
+                                   (5, False, True, "transposed"), (24, False, True, "contiguous")]:
+        x, W, b, A, B, idx, g = make_case(T, 20, 13, 3, 5, 2, dtype=torch.float32, shared_A=shared_A, bias=bias)
+        As, Bs = _as_lists(A, B)
+        torch.library.opcheck(op, (x, W, b, _list_layout(As, how), _list_layout(Bs, how), idx, g, 2.0))
+
+
+def test_lists_traces_with_dynamic_token_count():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lora_moe_linear_lists, backend=counter, dynamic=True, fullgraph=True)
+    for T in (6, 7, 11):
+        x, W, b, A, B, idx, g = make_case(T, 20, 13, 3, 5, 2, dtype=torch.float32)
+        As, Bs = _as_lists(A, B)
+        torch.testing.assert_close(f(x, W, b, As, Bs, idx, g, 2.0), lora_moe_linear(x, W, b, A, B, idx, g, 2.0))
+    assert counter.frame_count == 1, "a new token count recompiled"
+
+
+def _bad_lists(case):
+    x, W, b, A, B, idx, g = make_case(3, 16, 12, 4, 4, 2, dtype=torch.float32)
+    As, Bs = _as_lists(A, B)
+    if case == "3A-4B":
+        As = As[:3]
+    elif case == "2A-4B":
+        As = As[:2]
+    elif case == "no-experts":
+        As, Bs = [], []
+    elif case == "A-rank-differs":
+        As[2] = As[2][:-1]
+    elif case == "B-out-differs":
+        Bs[1] = Bs[1][:-1]
+    elif case == "A-dtype-differs":
+        As[3] = As[3].double()
+    elif case == "A-not-2d":
+        As = [a.unsqueeze(0) for a in As]
+    elif case == "A-in-mismatch":
+        As = [a[:, :-1] for a in As]
+    return x, W, b, As, Bs, idx, g
+
+
+BAD_LISTS = {
+    "3A-4B": "3 A factors for 4 experts",
+    "2A-4B": "2 A factors for 4 experts",
+    "no-experts": "0 A factors for 0 experts",
+    "A-rank-differs": "every A must be",
+    "B-out-differs": "every B must be",
+    "A-dtype-differs": "every A must be",
+    "A-not-2d": "every A must be",
+    "A-in-mismatch": "input features",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LISTS))
+@pytest.mark.parametrize("mode", ["kernel", "fake"])
+def test_lists_bad_arguments_raise(mode, case):
+    load_cpu_kernels()
+    args = _bad_lists(case)
+    if mode == "kernel":
+        with pytest.raises(RuntimeError, match=BAD_LISTS[case]):
+            lora_moe_linear_lists(*args, 1.0)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake_mode:
+        conv = lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        x, W, b, As, Bs, idx, g = (
+            [conv(t) for t in a] if isinstance(a, list) else conv(a) for a in args
+        )
+        with pytest.raises(RuntimeError, match=BAD_LISTS[case]):
+            lora_moe_linear_lists(x, W, b, As, Bs, idx, g, 1.0)
+
+
+def test_lists_fake_impl_accepts_good_arguments():
+    """The counterpart of the test above: the fake impl's checks do not reject valid lists."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    x, W, b, A, B, idx, g = make_case(3, 16, 12, 4, 4, 2, dtype=torch.float32, shared_A=True)
+    As, Bs = _as_lists(A, B)
+    with FakeTensorMode() as fake_mode:
+        conv = fake_mode.from_tensor
+        y = lora_moe_linear_lists(conv(x), conv(W), conv(b), [conv(a) for a in As], [conv(t) for t in Bs],
+                                  conv(idx), conv(g), 1.0)
+    assert isinstance(y, FakeTensor) and y.shape == (3, 12) and y.dtype == torch.float32

@@ -12,9 +12,8 @@ import adafuse_compile
 from adafuse_compile.runtime import switched_ops
 from adafuse_compile.models import add_pregated_lora_moe, tiny_llama
 from adafuse_compile.models.layers import PreGate, PreGatedLoRAMoELinear
-from adafuse_compile.passes.graph_ops import fused_site
 from adafuse_compile.passes.graph_ops import group_decision, group_site
-from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls
+from adafuse_compile.testing import assert_equivalent, compile_and_capture, count_calls, count_fused
 
 
 def _pregated(seed=0, **kw):
@@ -27,7 +26,7 @@ def test_pregated_sites_form_one_group(strategy, fused, sites):
     model = _pregated()
     ids = torch.randint(0, 512, (2, 5))
     (gm,) = assert_equivalent(model, ids, options={"strategy": strategy, "freeze": True})
-    assert count_calls(gm, fused_site) == fused
+    assert count_fused(gm) == fused
     assert count_calls(gm, group_site) == sites
     assert count_calls(gm, group_decision) == (1 if sites else 0)  # one decision for the whole group
     with torch.no_grad():
@@ -73,7 +72,7 @@ def test_groups_on_random_pregated_graphs_equal_eager(hidden, outs, experts, gat
     if shape[0] == 0:
         return  # no token to probe with: sites are left as they are (correct, not rewritten)
     grouped = count_calls(gm, group_site)
-    assert grouped + count_calls(gm, fused_site) == len(outs)
+    assert grouped + count_fused(gm) == len(outs)
     assert grouped == (len(outs) if strategy == "merge" else 0)
 
 
@@ -135,4 +134,4 @@ def test_dense_pregate_is_fused_not_switched():
     with torch.no_grad():
         out, (gm,) = compile_and_capture(model, ids, options={"strategy": "merge", "freeze": True})
         torch.testing.assert_close(out.logits, model(ids).logits)
-    assert count_calls(gm, fused_site) == 14 and count_calls(gm, group_site) == 0
+    assert count_fused(gm) == 14 and count_calls(gm, group_site) == 0

@@ -5,9 +5,8 @@ from torch import nn
 
 import adafuse_compile
 from adafuse_compile.models import add_lora_moe, tiny_llama
-from adafuse_compile.passes import graph_ops
 from adafuse_compile.passes.canonical import FORMS
-from adafuse_compile.testing import assert_rewrite
+from adafuse_compile.testing import FUSED_SITES, assert_rewrite
 
 
 class _Site(nn.Module):
@@ -35,7 +34,7 @@ def test_the_layers_of_a_model_share_one_proof_per_projection():
         probed = [s for s in report.sites]
         # probed once per distinct structure (k/v and gate/up look alike), all of layer 1 reused
         assert len(FORMS) <= 7 and FORMS.hits == 14 - len(FORMS)
-        assert_rewrite(model, ids, after=(graph_ops.fused_site,))  # the reused forms map onto layer 1's nodes
+        assert_rewrite(model, ids, after=(FUSED_SITES,))  # the reused forms map onto layer 1's nodes
         FORMS.clear()
         fresh = adafuse_compile.explain(model, ids)  # the same outcomes when everything is probed
     assert [(s.path, s.status, s.experts, s.k, s.rank, s.gate, s.scale) for s in probed] == [
@@ -67,5 +66,5 @@ def test_a_site_that_differs_by_one_op_is_probed_not_matched():
         report = adafuse_compile.explain(_TwoSites("none"), x)
     assert [s.status for s in report.sites] == ["fused", "fused"] and FORMS.hits == 2  # both seen before
     with torch.no_grad():  # the second site reads the first's output: after fusing it, its fused node
-        (rw,) = assert_rewrite(_TwoSites("none"), x, after=(graph_ops.fused_site,))
+        (rw,) = assert_rewrite(_TwoSites("none"), x, after=(FUSED_SITES,))
     assert [s.status for s in rw.sites] == ["fused", "fused"]

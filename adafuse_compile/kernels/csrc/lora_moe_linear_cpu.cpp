@@ -1,93 +1,259 @@
-// CPU kernel of adafuse::lora_moe_linear, registered for the CPU dispatch key.
+// CPU kernels of adafuse::lora_moe_linear (stacked experts) and adafuse::lora_moe_linear_lists
+// (one tensor per expert), registered for the CPU dispatch key.
 //
 // Why C++: on the 2-core CPU every ATen call from Python costs ~4 us, and the adapter of one
 // decode token is ~10 such calls (~40-60 us) around ~128 KB of expert weights that take ~5 us to
 // read. Here the whole op is one dispatcher call: the base linear through ATen (oneDNN/MKL), the
-// chosen experts in plain loops over their rows (gathered in place, never copied).
+// chosen experts in plain loops over their rows, read in place wherever they live (a stacked
+// tensor, a transposed view of one, or one tensor per expert), never gathered or stacked.
 //
 // Definition and shapes: adafuse_compile/kernels/reference.py. x [T, in], weight [out, in],
-// bias [out] or undefined, A [E or 1, r, in], B [E, out, r], idx [T, k] int64, g [T, k] floating.
+// bias [out] or undefined, A [E or 1, r, in], B [E, out, r] (or lists of [r, in] / [out, r]),
+// idx [T, k] int64, g [T, k] floating.
+//
+// Built with -O3 -march=native (cpu_extension.py): the loops below are written so that the
+// compiler vectorizes them (independent partial sums, unit-stride inner loops, a compile-time
+// rank for the short dot products of the expand).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ADAFUSE_AVX2 1
+#endif
 
 namespace adafuse {
 namespace {
 
-// Dot product with 8 independent partial sums so the compiler vectorizes it without fast-math.
-template <typename scalar_t, typename acc_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) {
-      part[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
+// Where each expert's factors live: A_e [r, in] and B_e [out, r] as one pointer per expert plus
+// the two matrices' strides, one of which is 1 (a row-major or a transposed matrix).
+template <typename scalar_t>
+struct Factors {
+  std::vector<const scalar_t*> A, B;  // A holds one pointer when every expert shares one A
+  int64_t a_row, a_col, b_row, b_col, r;
+  std::vector<at::Tensor> owned;      // copies made for strides we do not read in place
+};
+
+// t, or a contiguous copy when neither of its last two dimensions has unit stride.
+at::Tensor unit_stride(const at::Tensor& t, std::vector<at::Tensor>& owned) {
+  if (t.stride(-1) == 1 || t.stride(-2) == 1) return t;
+  owned.push_back(t.contiguous());
+  return owned.back();
+}
+
+template <typename scalar_t>
+Factors<scalar_t> stacked_factors(const at::Tensor& A, const at::Tensor& B) {
+  Factors<scalar_t> f;
+  const at::Tensor a = unit_stride(A, f.owned), b = unit_stride(B, f.owned);
+  for (int64_t e = 0; e < a.size(0); ++e) f.A.push_back(a.const_data_ptr<scalar_t>() + e * a.stride(0));
+  for (int64_t e = 0; e < b.size(0); ++e) f.B.push_back(b.const_data_ptr<scalar_t>() + e * b.stride(0));
+  f.a_row = a.stride(1), f.a_col = a.stride(2), f.b_row = b.stride(1), f.b_col = b.stride(2), f.r = b.size(2);
+  return f;
+}
+
+template <typename scalar_t>
+Factors<scalar_t> listed_factors(at::TensorList As, at::TensorList Bs) {
+  Factors<scalar_t> f;
+  // One pair of strides serves all experts: unless every expert has the same unit-stride
+  // layout, they are all read from contiguous copies.
+  auto gather = [&](at::TensorList ts, std::vector<const scalar_t*>& ptrs, int64_t& row, int64_t& col) {
+    bool same = ts[0].stride(0) == 1 || ts[0].stride(1) == 1;
+    for (const at::Tensor& t : ts) same = same && t.strides() == ts[0].strides();
+    for (const at::Tensor& t : ts) {
+      if (!same) f.owned.push_back(t.contiguous());
+      ptrs.push_back((same ? t : f.owned.back()).template const_data_ptr<scalar_t>());
     }
+    const at::Tensor& first = same ? ts[0] : f.owned.back();
+    row = first.stride(0), col = first.stride(1);
+  };
+  gather(As, f.A, f.a_row, f.a_col);
+  gather(Bs, f.B, f.b_row, f.b_col);
+  f.r = Bs[0].size(1);
+  return f;
+}
+
+// Dot product with 16 independent partial sums: one or two vector registers, no fast-math.
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
+  acc_t part[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) part[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
   }
   acc_t acc = 0;
   for (; i < n; ++i) acc += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  for (int l = 0; l < 8; ++l) acc += part[l];
+  for (int l = 0; l < 16; ++l) acc += part[l];
   return acc;
 }
 
-// y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), token by token.
+// h[q] = c * (A_e x)[q] for one token and one chosen expert.
+template <typename scalar_t, typename acc_t>
+void shrink(const Factors<scalar_t>& f, const scalar_t* Ae, const scalar_t* x, int64_t in, acc_t c, acc_t* h) {
+  if (f.a_col == 1) {  // A_e rows contiguous: r dot products
+    for (int64_t q = 0; q < f.r; ++q) h[q] = c * dot<acc_t>(Ae + q * f.a_row, x, in);
+    return;
+  }
+  for (int64_t q = 0; q < f.r; ++q) h[q] = 0;  // A_e stored [in, r]: one axpy over the rank per input
+  for (int64_t i = 0; i < in; ++i) {
+    const scalar_t* col = Ae + i * f.a_col;
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    for (int64_t q = 0; q < f.r; ++q) h[q] += xi * static_cast<acc_t>(col[q]);
+  }
+  for (int64_t q = 0; q < f.r; ++q) h[q] *= c;
+}
+
+// acc[o] = sum_j B_j[o, :] . h_j for B_j rows contiguous, with the rank R known at compile time
+// (the per-row dot is then a few vector FMAs and one reduction).
+template <int R, typename scalar_t, typename acc_t>
+void expand_rows_fixed(const scalar_t* const* Bj, const acc_t* h, int64_t k, int64_t out, int64_t b_row, acc_t* acc) {
+  for (int64_t o = 0; o < out; ++o) {
+    acc_t v[R] = {0};
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t* row = Bj[j] + o * b_row;
+      const acc_t* hj = h + j * R;
+      for (int q = 0; q < R; ++q) v[q] += static_cast<acc_t>(row[q]) * hj[q];
+    }
+    for (int w = R / 2; w > 0; w /= 2) {  // pairwise: a shuffle tree, not a serial chain
+      for (int q = 0; q < w; ++q) v[q] += v[q + w];
+    }
+    acc[o] = v[0];
+  }
+}
+
+#ifdef ADAFUSE_AVX2
+// The sums of eight 8-lane vectors, as one vector: [sum v[0], ..., sum v[7]].
+inline __m256 sum8x8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// expand_rows_fixed for float with r % 8 == 0, eight output rows at a time: 8-lane products of
+// each row with h, then one transposing reduction for the eight rows (a per-row reduction would
+// cost as much as the products).
+void expand_rows_avx2(const float* const* Bj, const float* h, int64_t k, int64_t r, int64_t out, int64_t b_row,
+                      float* acc) {
+  int64_t o = 0;
+  for (; o + 8 <= out; o += 8) {
+    __m256 v[8];
+    for (int l = 0; l < 8; ++l) v[l] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t q = 0; q < r; q += 8) {
+        const __m256 hv = _mm256_loadu_ps(h + j * r + q);
+        const float* row = Bj[j] + o * b_row + q;
+        for (int l = 0; l < 8; ++l) v[l] = _mm256_fmadd_ps(_mm256_loadu_ps(row + l * b_row), hv, v[l]);
+      }
+    }
+    _mm256_storeu_ps(acc + o, sum8x8(v));
+  }
+  for (; o < out; ++o) {
+    float s = 0;
+    for (int64_t j = 0; j < k; ++j) s += dot<float>(Bj[j] + o * b_row, h + j * r, r);
+    acc[o] = s;
+  }
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* h, int64_t k, int64_t out, acc_t* acc) {
+  const int64_t r = f.r;
+#ifdef ADAFUSE_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (f.b_col == 1 && r % 8 == 0) return expand_rows_avx2(Bj, h, k, r, out, f.b_row, acc);
+  }
+#endif
+  if (f.b_col == 1) {  // B_e stored [out, r]: a short dot per output row
+    switch (r) {
+      case 4: return expand_rows_fixed<4>(Bj, h, k, out, f.b_row, acc);
+      case 8: return expand_rows_fixed<8>(Bj, h, k, out, f.b_row, acc);
+      case 16: return expand_rows_fixed<16>(Bj, h, k, out, f.b_row, acc);
+      case 32: return expand_rows_fixed<32>(Bj, h, k, out, f.b_row, acc);
+      case 64: return expand_rows_fixed<64>(Bj, h, k, out, f.b_row, acc);
+      default:
+        for (int64_t o = 0; o < out; ++o) {
+          acc_t s = 0;
+          for (int64_t j = 0; j < k; ++j) s += dot<acc_t>(Bj[j] + o * f.b_row, h + j * r, r);
+          acc[o] = s;
+        }
+        return;
+    }
+  }
+  for (int64_t o = 0; o < out; ++o) acc[o] = 0;  // B_e stored [r, out]: one axpy over outputs per rank
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t q = 0; q < r; ++q) {
+      const scalar_t* col = Bj[j] + q * f.b_col;
+      const acc_t hq = h[j * r + q];
+      for (int64_t o = 0; o < out; ++o) acc[o] += hq * static_cast<acc_t>(col[o]);
+    }
+  }
+}
+
+// y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]).
+//
+// The (token, choice) pairs are split into one chunk per thread when there is enough work, each
+// chunk summing into its own partial output (so the result depends on the thread count only in
+// rounding, never on scheduling).
 template <typename scalar_t>
-void add_chosen_experts(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
-                        const at::Tensor& idx, const at::Tensor& g, double scale, at::Tensor& y) {
+void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t E, const at::Tensor& idx,
+                        const at::Tensor& g, double scale, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(0), in = x.size(1), k = idx.size(1);
-  const int64_t E = B.size(0), out = B.size(1), r = B.size(2);
-  const bool shared_A = A.size(0) == 1;
+  const int64_t T = x.size(0), in = x.size(1), k = idx.size(1), out = y.size(1), r = f.r;
+  const bool shared_A = f.A.size() == 1;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* Ap = A.const_data_ptr<scalar_t>();
-  const scalar_t* Bp = B.const_data_ptr<scalar_t>();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   const acc_t* gp = g.const_data_ptr<acc_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-
-  std::vector<acc_t> h(k * r);  // g * scale * (A_e x_t), the shrunk token
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* xt = xp + t * in;
-    const int64_t* it = ip + t * k;
-    for (int64_t j = 0; j < k; ++j) {
-      TORCH_CHECK(it[j] >= 0 && it[j] < E, "idx[", t, ", ", j, "] = ", it[j], " is not an expert (E = ", E, ")");
-      const scalar_t* Ae = Ap + (shared_A ? 0 : it[j]) * r * in;
-      const acc_t c = gp[t * k + j] * static_cast<acc_t>(scale);
-      for (int64_t q = 0; q < r; ++q) h[j * r + q] = c * dot<scalar_t, acc_t>(Ae + q * in, xt, in);
+  const int64_t pairs = T * k;
+  for (int64_t n = 0; n < pairs; ++n) {
+    TORCH_CHECK(ip[n] >= 0 && ip[n] < E, "idx[", n / k, ", ", n % k, "] = ", ip[n], " is not an expert (E = ", E, ")");
+  }
+  // A chunk is worth a thread from ~16K multiply-adds (a wake-up costs a few us): a decode
+  // token of the small model (512x1376, k=2, r=8: 30K) stays on one thread, 8 tokens use two.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), pairs, pairs * r * (in + out) / 16384}));
+  std::vector<acc_t> partial(chunks * T * out, 0);
+  auto run = [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> h(k * r), tmp(out);
+    std::vector<const scalar_t*> Bj(k);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* part = partial.data() + c * T * out;
+      const int64_t n1 = pairs * (c + 1) / chunks;
+      for (int64_t n = pairs * c / chunks; n < n1;) {  // this chunk's choices of one token at a time
+        const int64_t t = n / k, kk = std::min(n1, (t + 1) * k) - n;
+        for (int64_t j = 0; j < kk; ++j) {
+          const int64_t e = ip[n + j];
+          shrink<scalar_t, acc_t>(f, f.A[shared_A ? 0 : e], xp + t * in, in, gp[n + j] * static_cast<acc_t>(scale),
+                                  h.data() + j * r);
+          Bj[j] = f.B[e];
+        }
+        expand<scalar_t, acc_t>(f, Bj.data(), h.data(), kk, out, tmp.data());
+        for (int64_t o = 0; o < out; ++o) part[t * out + o] += tmp[o];
+        n += kk;
+      }
     }
-    // Expand: each output row reads r contiguous values of each chosen B. Split across threads
-    // only when a token has enough work (~64K multiply-adds): a wake-up costs ~10 us here.
+  };
+  if (chunks == 1) {
+    run(0, 1);  // not at::parallel_for: even a one-thread OpenMP region costs microseconds
+  } else {
+    at::parallel_for(0, chunks, 1, run);
+  }
+  for (int64_t t = 0; t < T; ++t) {
     scalar_t* yt = yp + t * out;
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k * r));
-    at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-      // Eight output rows at a time: eight independent accumulator chains instead of one
-      // (without fast-math a single chain is latency bound: ~21 us for out=1024, k*r=16).
-      int64_t o = o0;
-      for (; o + 8 <= o1; o += 8) {
-        acc_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* Bb = Bp + (it[j] * out + o) * r;  // 8 contiguous rows of B[e]
-          const acc_t* hj = h.data() + j * r;
-          for (int64_t q = 0; q < r; ++q) {
-            for (int l = 0; l < 8; ++l) acc[l] += static_cast<acc_t>(Bb[l * r + q]) * hj[q];
-          }
-        }
-        for (int l = 0; l < 8; ++l) yt[o + l] = static_cast<scalar_t>(static_cast<acc_t>(yt[o + l]) + acc[l]);
-      }
-      for (; o < o1; ++o) {
-        acc_t acc = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* Bo = Bp + (it[j] * out + o) * r;
-          for (int64_t q = 0; q < r; ++q) acc += static_cast<acc_t>(Bo[q]) * h[j * r + q];
-        }
-        yt[o] = static_cast<scalar_t>(static_cast<acc_t>(yt[o]) + acc);
-      }
-    });
+    for (int64_t o = 0; o < out; ++o) {
+      acc_t s = static_cast<acc_t>(yt[o]);
+      for (int64_t c = 0; c < chunks; ++c) s += partial[(c * T + t) * out + o];
+      yt[o] = static_cast<scalar_t>(s);
+    }
   }
 }
 
@@ -101,55 +267,240 @@ void add_experts_dense(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   y.addmm_(h.reshape({T, E * r}), B.transpose(1, 2).reshape({E * r, out}));
 }
 
-at::Tensor lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                               const at::Tensor& B, const at::Tensor& idx, const at::Tensor& g,
-                               double scale) {
-  // Same conditions as check_lora_moe_args in lora_moe_linear.py (which the fake impl runs).
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && A.dim() == 3 && B.dim() == 3 && idx.dim() == 2,
-              "lora_moe_linear: expected x [T, in], weight [out, in], A [E, r, in], B [E, out, r], idx [T, k]");
-  const int64_t T = x.size(0), in = weight.size(1), out = weight.size(0);
-  const int64_t E = B.size(0), r = B.size(2), k = idx.size(1);
+void check_common(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& idx, const at::Tensor& g) {
+  // Same conditions as check_lora_moe_args in lora_moe_linear.py (which the fake impls run).
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && idx.dim() == 2,
+              "lora_moe_linear: expected x [T, in], weight [out, in], idx [T, k]");
+  const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK(x.size(1) == in, "x has ", x.size(1), " features, weight expects ", in);
-  TORCH_CHECK(A.size(2) == in, "A has ", A.size(2), " input features, weight ", in);
-  TORCH_CHECK(B.size(1) == out, "B has ", B.size(1), " outputs, weight ", out);
-  TORCH_CHECK(A.size(1) == r, "A rank ", A.size(1), " != B rank ", r);
-  TORCH_CHECK(A.size(0) == E || A.size(0) == 1, "A has ", A.size(0), " experts, B ", E);
-  TORCH_CHECK(idx.size(0) == T, "idx has ", idx.size(0), " tokens, x ", T);
+  TORCH_CHECK(idx.size(0) == x.size(0), "idx has ", idx.size(0), " tokens, x ", x.size(0));
   TORCH_CHECK(g.sizes() == idx.sizes(), "g ", g.sizes(), " must match idx ", idx.sizes());
   TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
   TORCH_CHECK(at::isFloatingType(g.scalar_type()), "g must be floating point, got ", g.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight is ", weight.scalar_type(), " but x is ", x.scalar_type());
-  TORCH_CHECK(A.scalar_type() == x.scalar_type(), "A is ", A.scalar_type(), " but x is ", x.scalar_type());
-  TORCH_CHECK(B.scalar_type() == x.scalar_type(), "B is ", B.scalar_type(), " but x is ", x.scalar_type());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must be [", out, "], got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias is ", bias->scalar_type(), " but x is ", x.scalar_type());
   }
+}
 
+void check_factors(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(A.dim() == 3 && B.dim() == 3, "lora_moe_linear: expected A [E, r, in], B [E, out, r]");
+  TORCH_CHECK(A.size(2) == in, "A has ", A.size(2), " input features, weight ", in);
+  TORCH_CHECK(B.size(1) == out, "B has ", B.size(1), " outputs, weight ", out);
+  TORCH_CHECK(A.size(1) == B.size(2), "A rank ", A.size(1), " != B rank ", B.size(2));
+  TORCH_CHECK(A.size(0) == B.size(0) || A.size(0) == 1, "A has ", A.size(0), " experts, B ", B.size(0));
+  TORCH_CHECK(A.scalar_type() == x.scalar_type(), "A is ", A.scalar_type(), " but x is ", x.scalar_type());
+  TORCH_CHECK(B.scalar_type() == x.scalar_type(), "B is ", B.scalar_type(), " but x is ", x.scalar_type());
+}
+
+// The loops read each chosen expert once per token; GEMMs read every expert once per call.
+// Measured (in=out=1024, E=8, k=2, r=8, fp32, 2 threads), op time with loops vs GEMMs:
+// T=16 1439 vs 1594 us, T=32 783 vs 746 us, T=64 1352 vs 1206 us (the base linear alone
+// varies 2-3x between T here, so compare within a row): GEMMs from T*k >= 8E.
+bool use_gemms(int64_t T, int64_t k, int64_t E) { return T * k >= 8 * E; }
+
+at::Tensor lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& A, const at::Tensor& B, const at::Tensor& idx, const at::Tensor& g,
+                               double scale) {
+  check_common(x, weight, bias, idx, g);
+  check_factors(x, weight, A, B);
   at::Tensor y = at::linear(x, weight, bias);
+  const int64_t T = x.size(0), k = idx.size(1), E = B.size(0);
   if (T == 0 || k == 0 || scale == 0.0) return y;
   y = y.contiguous();
-  // The loops read each chosen expert once per token; GEMMs read every expert once per call.
-  // Measured (in=out=1024, E=8, k=2, r=8, fp32, 2 threads), op time with loops vs GEMMs:
-  // T=16 1439 vs 1594 us, T=32 783 vs 746 us, T=64 1352 vs 1206 us (the base linear alone
-  // varies 2-3x between T here, so compare within a row): GEMMs from T*k >= 8E.
-  if (T * k >= 8 * E) {
+  if (use_gemms(T, k, E)) {
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    add_chosen_experts<scalar_t>(x.contiguous(), A.contiguous(), B.contiguous(), idx.contiguous(),
+    add_chosen_experts<scalar_t>(x.contiguous(), stacked_factors<scalar_t>(A, B), E, idx.contiguous(),
                                  g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y);
   });
   return y;
+}
+
+at::Tensor lora_moe_linear_lists_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::TensorList A, at::TensorList B,
+                                     const at::Tensor& idx, const at::Tensor& g, double scale) {
+  check_common(x, weight, bias, idx, g);
+  const int64_t E = static_cast<int64_t>(B.size());
+  TORCH_CHECK(E > 0 && (A.size() == B.size() || A.size() == 1), "lora_moe_linear_lists: ", A.size(),
+              " A factors for ", E, " experts");
+  for (const at::Tensor& a : A) {
+    TORCH_CHECK(a.dim() == 2 && a.sizes() == A[0].sizes() && a.scalar_type() == x.scalar_type(),
+                "every A must be [r, in] of x's dtype like A[0] ", A[0].sizes(), ", got ", a.sizes(), " ", a.scalar_type());
+  }
+  for (const at::Tensor& b : B) {
+    TORCH_CHECK(b.dim() == 2 && b.sizes() == B[0].sizes() && b.scalar_type() == x.scalar_type(),
+                "every B must be [out, r] of x's dtype like B[0] ", B[0].sizes(), ", got ", b.sizes(), " ", b.scalar_type());
+  }
+  check_factors(x, weight, A[0].unsqueeze(0), B[0].unsqueeze(0));
+  at::Tensor y = at::linear(x, weight, bias);
+  const int64_t T = x.size(0), k = idx.size(1);
+  if (T == 0 || k == 0 || scale == 0.0) return y;
+  y = y.contiguous();
+  if (use_gemms(T, k, E)) {  // prefill: stacking is paid once for many tokens
+    add_experts_dense(x, at::stack(A), at::stack(B), idx, (g * scale).to(x.scalar_type()), y);
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_lists_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    add_chosen_experts<scalar_t>(x.contiguous(), listed_factors<scalar_t>(A, B), E, idx.contiguous(),
+                                 g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y);
+  });
+  return y;
+}
+
+// ---- The site with its router (adafuse::routed_lora_moe_linear) ----------------------------
+//
+// The decision of a linear top-k router, computed here instead of by four to six graph ops
+// (router linear, softmax, top-k, renormalization): each is a call of a few microseconds at
+// decode, and the router's tiny GEMV through MKL wakes the OpenMP team (~15 us per site in the
+// small model's step, measured with perf: mkl sgemv_omp plus libgomp's barrier).
+//
+// Exactness. The experts chosen must be the ones eager chooses (passes/route.py matched the
+// model's routing code to kernels/reference.py:topk_route). Our logits are dot products in
+// another summation order than MKL's, so each may differ from eager's by rounding; both are
+// within gamma_n * S_e of the exact value (S_e = sum_i |x_i w_ei|, gamma_n = n u / (1 - n u),
+// u = 2^-24, any summation order, with or without FMA). So when the gap between the k-th and
+// the (k+1)-th largest logit exceeds twice that bound plus a margin for the softmax's rounding,
+// eager's top-k set is provably ours (a softmax is monotone and the margin keeps two
+// probabilities from rounding together). Otherwise, for any non-finite value, and whenever
+// float32 matmuls may run in reduced precision, the whole decision is made by the ATen calls of
+// topk_route, which are eager's. The weights g then equal eager's up to rounding.
+
+// float dot product: eight partial sums (one vector register) and a tree reduction.
+inline float fdot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int q = 0; q < 8; ++q) part[q] += a[i + q] * b[i + q];
+  }
+  for (int q = 0; i < n; ++i, ++q) part[q] += a[i] * b[i];
+  for (int w = 4; w > 0; w /= 2) {
+    for (int q = 0; q < w; ++q) part[q] += part[q + w];
+  }
+  return part[0];
+}
+
+bool fp32_matmuls_exact() {
+  auto& ctx = at::globalContext();
+  auto reduced = [](at::Float32Precision p) { return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16; };
+  return ctx.float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST &&
+         !reduced(ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL)) &&
+         !reduced(ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL));
+}
+
+// Fills idx [T, k] and g [T, k] (float32); false when the decision is not provably eager's.
+bool route_inline(const at::Tensor& rx, const at::Tensor& Wr, const std::optional<at::Tensor>& br, int64_t k,
+                  bool softmax_first, bool renorm, at::Tensor& idx, at::Tensor& g) {
+  const int64_t T = rx.size(0), n = rx.size(1), E = Wr.size(0);
+  const bool has_bias = br.has_value() && br->defined();
+  if (rx.scalar_type() != at::kFloat || Wr.scalar_type() != at::kFloat || (has_bias && br->scalar_type() != at::kFloat) ||
+      E > 64 || k < 1 || k > E || rx.stride(1) != 1 || Wr.stride(1) != 1 || (has_bias && br->stride(0) != 1) ||
+      !fp32_matmuls_exact()) {
+    return false;
+  }
+  const double u = std::ldexp(1.0, -24), gamma = (n + 1) * u / (1.0 - (n + 1) * u);
+  const float* xp = rx.const_data_ptr<float>();
+  const float* wp = Wr.const_data_ptr<float>();
+  const float* bp = has_bias ? br->const_data_ptr<float>() : nullptr;
+  // S_e = sum_i |x_i w_ei| <= |x| |w_e| (Cauchy-Schwarz): the bound from norms, one per expert
+  // per call and one per token, instead of a second accumulation in every dot product.
+  double wnorm = 0;
+  for (int64_t e = 0; e < E; ++e) wnorm = std::max(wnorm, std::sqrt(static_cast<double>(fdot(wp + e * Wr.stride(0), wp + e * Wr.stride(0), n))));
+  idx = at::empty({T, k}, rx.options().dtype(at::kLong));
+  g = at::empty({T, k}, rx.options());
+  int64_t* ip = idx.mutable_data_ptr<int64_t>();
+  float* gp = g.mutable_data_ptr<float>();
+  float l[64];
+  int64_t order[64];
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = xp + t * rx.stride(0);
+    double lmax_abs = 0, bmax = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      l[e] = fdot(xt, wp + e * Wr.stride(0), n) + (bp ? bp[e] : 0.0f);
+      if (!std::isfinite(l[e])) return false;
+      lmax_abs = std::max(lmax_abs, static_cast<double>(std::fabs(l[e])));
+      if (bp) bmax = std::max(bmax, static_cast<double>(std::fabs(bp[e])));
+    }
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order, order + std::min(k + 1, E), order + E, [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+    if (k < E) {
+      // Ours and eager's logits are each within gamma * S of the exact ones (n + 1 terms with
+      // the bias); the margin covers the softmax (subtracting the max, exp within a few ulp,
+      // one division) and the rounding of the norms.
+      const double S = 1.01 * std::sqrt(static_cast<double>(fdot(xt, xt, n))) * wnorm + bmax;
+      const double gap = static_cast<double>(l[order[k - 1]]) - l[order[k]];
+      if (!(gap > 4 * gamma * S + 64 * u * (1 + lmax_abs))) return false;
+    }
+    const float lmax = l[order[0]];
+    float* gt = gp + t * k;
+    if (softmax_first) {
+      float z = 0;
+      for (int64_t e = 0; e < E; ++e) z += std::exp(l[e] - lmax);
+      float sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += gt[j] = std::exp(l[order[j]] - lmax) / z;
+      if (renorm) for (int64_t j = 0; j < k; ++j) gt[j] /= sum;
+    } else {
+      float z = 0;
+      for (int64_t j = 0; j < k; ++j) z += gt[j] = std::exp(l[order[j]] - lmax);
+      for (int64_t j = 0; j < k; ++j) gt[j] /= z;
+    }
+    for (int64_t j = 0; j < k; ++j) ip[t * k + j] = order[j];
+  }
+  return true;
+}
+
+at::Tensor routed_lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, const at::Tensor& router_input,
+                                      const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias,
+                                      at::TensorList A, at::TensorList B, int64_t k, bool softmax_first, bool renorm,
+                                      std::optional<at::ScalarType> softmax_dtype,
+                                      std::optional<at::ScalarType> gate_dtype, bool sorted, double scale) {
+  TORCH_CHECK(router_input.dim() == 2 && router_input.size(0) == x.size(0) && router_weight.dim() == 2 &&
+                  router_weight.size(1) == router_input.size(1),
+              "routed_lora_moe_linear: router_input must be [T, in_r] with x's T and router_weight [E, in_r]");
+  TORCH_CHECK(k >= 1 && k <= router_weight.size(0), "k=", k, " of ", router_weight.size(0), " experts");
+  at::Tensor g, idx;
+  const bool float_gate = (!softmax_dtype || *softmax_dtype == at::kFloat) && (!gate_dtype || *gate_dtype == at::kFloat);
+  if (!(float_gate && route_inline(router_input, router_weight, router_bias, k, softmax_first, renorm, idx, g))) {
+    // eager's calls, in kernels/reference.py:topk_route's order
+    const at::Tensor logits = at::linear(router_input, router_weight, router_bias);
+    if (softmax_first) {
+      std::tie(g, idx) = at::topk(at::softmax(logits, -1, softmax_dtype), k, -1, true, sorted);
+      if (renorm) g = g / g.sum(-1, true);
+    } else {
+      std::tie(g, idx) = at::topk(logits, k, -1, true, sorted);
+      g = at::softmax(g, -1, softmax_dtype);
+    }
+    if (gate_dtype.has_value()) g = g.to(*gate_dtype);
+  }
+  if (B.size() == 1 && B[0].dim() == 3) return lora_moe_linear_cpu(x, weight, bias, A[0], B[0], idx, g, scale);
+  return lora_moe_linear_lists_cpu(x, weight, bias, A, B, idx, g, scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adafuse, CPU, m) {
   m.impl("lora_moe_linear", &lora_moe_linear_cpu);
+  m.impl("lora_moe_linear_lists", &lora_moe_linear_lists_cpu);
+  m.impl("routed_lora_moe_linear", &routed_lora_moe_linear_cpu);
 }
 
 }  // namespace adafuse
+
+// Under torch.no_grad() every call of a torch.library.custom_op passes through its Python
+// autograd kernel first (~4.6 us a call here, 28 calls a decode step of the small model). The
+// ops have no autograd formula (the passes leave sites that need gradients), so the C++
+// not-implemented fallback serves the CPU's autograd key: it redispatches without Python, and
+// still raises if a gradient is ever asked for.
+TORCH_LIBRARY_IMPL(adafuse, AutogradCPU, m) {
+  m.impl("lora_moe_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lora_moe_linear_lists", torch::autograd::autogradNotImplementedFallback());
+  m.impl("routed_lora_moe_linear", torch::autograd::autogradNotImplementedFallback());
+}
