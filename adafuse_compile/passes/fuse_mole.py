@@ -11,15 +11,15 @@ Before (a MoLA-style site, per-expert loop with masks)::
 After::
 
     w, i = topk(softmax(linear(x, R)), k); w = w / w.sum(-1)   # the model's own routing, kept
-    y  = lora_moe_linear(x, W, b, stack(A), stack(B), i, w, s)
+    y  = lora_moe_linear_lists(x, W, b, [A_0, ..., A_{E-1}], [B_0, ..., B_{E-1}], i, w, s)
 
 Only sites whose canonical form is proved (:mod:`.canonical`, :mod:`.verify`) are rewritten;
 every other site is left exactly as it was, with the reason in the report. The rewritten site
 reads the model's parameters at every call, so weight updates of any kind are seen; per-expert
-parameter lists are stacked in the graph, or, with ``freeze=True`` (the user promises the
-weights do not change behind the compiler's back), once into cached derived inputs
-(:mod:`.derived`). ``lowering="decomposed"`` emits the gathered form in plain torch ops instead
-of the op.
+parameter lists go to the op as lists, read in place, or, with ``freeze=True`` (the user
+promises the weights do not change behind the compiler's back), are stacked once into cached
+derived inputs (:mod:`.derived`). ``lowering="decomposed"`` emits the gathered form in plain
+torch ops instead of the op (stacking per-expert lists in the graph).
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from .fuse_mole import SITE_META, remove_unused
+from .fuse_mole import SITE_META
 from .graph_ops import fused_site, is_call, routed_site
 from .manager import GraphPass
-from .sites import is_linear, node_value_meta
+from .sites import is_inplace, is_linear, node_value_meta
 
 log = logging.getLogger("adafuse_compile")
 
@@ -71,6 +71,11 @@ def _arg(node: fx.Node, pos: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _input(node: fx.Node):
+    """The tensor an op reads first (``self`` of a method, ``input`` of a function)."""
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
 def _is(node, fns=(), methods=()) -> bool:
     if not isinstance(node, fx.Node):
         return False
@@ -89,9 +94,9 @@ def _softmax(node) -> tuple[fx.Node, torch.dtype | None] | None:
     if not _is(node, _SOFTMAX_FNS, ("softmax",)):
         return None
     dtype_pos = 3 if node.target is torch.nn.functional.softmax else 2  # F.softmax(x, dim, _stacklevel, dtype)
-    if len(node.args) > dtype_pos + 1 or set(node.kwargs) - {"dim", "dtype", "_stacklevel"}:
+    if len(node.args) > dtype_pos + 1 or set(node.kwargs) - {"input", "dim", "dtype", "_stacklevel"}:
         return None
-    src, dim, dtype = node.args[0], _arg(node, 1, "dim"), _arg(node, dtype_pos, "dtype")
+    src, dim, dtype = _input(node), _arg(node, 1, "dim"), _arg(node, dtype_pos, "dtype")
     return (src, dtype) if isinstance(src, fx.Node) and _last_dim(src, dim) else None
 
 
@@ -122,9 +127,9 @@ def _renormalized(node, vals: fx.Node) -> bool:
     if not _is(node, _DIVS, ("div", "div_", "__truediv__")) or len(node.args) != 2 or node.kwargs:
         return False
     num, den = node.args
-    return (num is vals and _is(den, (torch.sum,), ("sum",)) and den.args[0] is vals
+    return (num is vals and _is(den, (torch.sum,), ("sum",)) and _input(den) is vals
             and _last_dim(vals, _arg(den, 1, "dim")) and _arg(den, 2, "keepdim", False) is True
-            and len(den.args) <= 3 and set(den.kwargs) <= {"dim", "keepdim"})
+            and len(den.args) <= 3 and set(den.kwargs) <= {"input", "dim", "keepdim"})
 
 
 def match_route(idx: fx.Node | None, g: fx.Node | None) -> RouteMatch | None:
@@ -134,9 +139,11 @@ def match_route(idx: fx.Node | None, g: fx.Node | None) -> RouteMatch | None:
     if not (_is(idx, (operator.getitem,)) and idx.args[1] == 1 and _is(idx.args[0], (torch.topk,), ("topk",))):
         return None
     topk = idx.args[0]
+    scores = _input(topk)
     k, dim = _arg(topk, 1, "k"), _arg(topk, 2, "dim", -1)
     largest, is_sorted = _arg(topk, 3, "largest", True), _arg(topk, 4, "sorted", True)
-    if not (isinstance(k, int) and largest is True and isinstance(is_sorted, bool) and _last_dim(topk.args[0], dim)):
+    if not (isinstance(scores, fx.Node) and isinstance(k, int) and largest is True and isinstance(is_sorted, bool)
+            and _last_dim(scores, dim)):
         return None
     vals = [u for u in topk.users if _is(u, (operator.getitem,)) and u.args[1] == 0]
     if len(vals) != 1:
@@ -147,10 +154,10 @@ def match_route(idx: fx.Node | None, g: fx.Node | None) -> RouteMatch | None:
     if (cast := _cast(node)) is not None:
         nodes.append(node)
         node, gate_dtype = cast
-    first = _softmax(topk.args[0])
+    first = _softmax(scores)
     if first is not None:  # softmax over the experts, top-k of the probabilities
         logits, softmax_dtype = first
-        nodes.append(topk.args[0])
+        nodes.append(scores)
         if node is not vals:
             if not _renormalized(node, vals):
                 return None
@@ -160,7 +167,7 @@ def match_route(idx: fx.Node | None, g: fx.Node | None) -> RouteMatch | None:
         second = _softmax(node)
         if second is None or second[0] is not vals:
             return None
-        logits, softmax_dtype = topk.args[0], second[1]
+        logits, softmax_dtype = scores, second[1]
         nodes.append(node)
     logits = _through_noop_casts(logits, nodes)
     if not is_linear(logits) or len(logits.args) < 2 or logits.kwargs:
@@ -191,7 +198,7 @@ class RouteIntoSitesPass(GraphPass):
                 continue
             x, weight, bias, A, B, idx, g = node.args
             match = match_route(idx, g)
-            if match is None or not self._exclusive(match, node):
+            if match is None or not self._exclusive(match, node) or self._written_before(match, node):
                 continue
             dtypes = {_dtype(t) for t in (x, weight, *(A if isinstance(A, (list, tuple)) else [A]),
                                           *(B if isinstance(B, (list, tuple)) else [B]))}
@@ -206,12 +213,27 @@ class RouteIntoSitesPass(GraphPass):
             routed.meta.update(node.meta)
             node.replace_all_uses_with(routed)
             gm.graph.erase_node(node)
-            remove_unused(gm, match.nodes)
+            for n in reversed([n for n in gm.graph.nodes if n in set(match.nodes)]):  # read by nothing else
+                gm.graph.erase_node(n)
             report = routed.meta.get(SITE_META)
             self.moved.append(report.path if report is not None else routed.name)
         if self.moved:
             log.info("adafuse: routers moved into %d fused sites", len(self.moved))
             gm.recompile()
+
+    @staticmethod
+    def _written_before(match: RouteMatch, site: fx.Node) -> bool:
+        """Whether anything may be written in place between the router and the site: the op
+        reads the router's input and weight where the site is, so they must still hold what the
+        router read (any write at all, of any tensor, is refused: it could reach them through a
+        view)."""
+        start = match.nodes[-1]  # the router's linear
+        n = start.next
+        while n is not site:
+            if n not in match.nodes and (is_inplace(n) or n.target is operator.setitem or n.op == "call_module"):
+                return True
+            n = n.next
+        return False
 
     @staticmethod
     def _exclusive(match: RouteMatch, site: fx.Node) -> bool:

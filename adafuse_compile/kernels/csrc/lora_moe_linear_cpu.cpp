@@ -83,7 +83,8 @@ Factors<scalar_t> listed_factors(at::TensorList As, at::TensorList Bs) {
   return f;
 }
 
-// Dot product with 16 independent partial sums: one or two vector registers, no fast-math.
+// Dot product with 16 independent partial sums (one or two vector registers, no fast-math) and
+// a pairwise reduction of them.
 template <typename acc_t, typename a_t, typename b_t>
 inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
   acc_t part[16] = {0};
@@ -91,10 +92,11 @@ inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
   for (; i + 16 <= n; i += 16) {
     for (int l = 0; l < 16; ++l) part[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
   }
-  acc_t acc = 0;
-  for (; i < n; ++i) acc += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  for (int l = 0; l < 16; ++l) acc += part[l];
-  return acc;
+  for (int l = 0; i < n; ++i, ++l) part[l] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+  for (int w = 8; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  }
+  return part[0];
 }
 
 // h[q] = c * (A_e x)[q] for one token and one chosen expert.
@@ -373,20 +375,6 @@ at::Tensor lora_moe_linear_lists_cpu(const at::Tensor& x, const at::Tensor& weig
 // float32 matmuls may run in reduced precision, the whole decision is made by the ATen calls of
 // topk_route, which are eager's. The weights g then equal eager's up to rounding.
 
-// float dot product: eight partial sums (one vector register) and a tree reduction.
-inline float fdot(const float* a, const float* b, int64_t n) {
-  float part[8] = {0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int q = 0; q < 8; ++q) part[q] += a[i + q] * b[i + q];
-  }
-  for (int q = 0; i < n; ++i, ++q) part[q] += a[i] * b[i];
-  for (int w = 4; w > 0; w /= 2) {
-    for (int q = 0; q < w; ++q) part[q] += part[q + w];
-  }
-  return part[0];
-}
-
 bool fp32_matmuls_exact() {
   auto& ctx = at::globalContext();
   auto reduced = [](at::Float32Precision p) { return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16; };
@@ -412,7 +400,7 @@ bool route_inline(const at::Tensor& rx, const at::Tensor& Wr, const std::optiona
   // S_e = sum_i |x_i w_ei| <= |x| |w_e| (Cauchy-Schwarz): the bound from norms, one per expert
   // per call and one per token, instead of a second accumulation in every dot product.
   double wnorm = 0;
-  for (int64_t e = 0; e < E; ++e) wnorm = std::max(wnorm, std::sqrt(static_cast<double>(fdot(wp + e * Wr.stride(0), wp + e * Wr.stride(0), n))));
+  for (int64_t e = 0; e < E; ++e) wnorm = std::max(wnorm, std::sqrt(static_cast<double>(dot<float>(wp + e * Wr.stride(0), wp + e * Wr.stride(0), n))));
   idx = at::empty({T, k}, rx.options().dtype(at::kLong));
   g = at::empty({T, k}, rx.options());
   int64_t* ip = idx.mutable_data_ptr<int64_t>();
@@ -423,7 +411,7 @@ bool route_inline(const at::Tensor& rx, const at::Tensor& Wr, const std::optiona
     const float* xt = xp + t * rx.stride(0);
     double lmax_abs = 0, bmax = 0;
     for (int64_t e = 0; e < E; ++e) {
-      l[e] = fdot(xt, wp + e * Wr.stride(0), n) + (bp ? bp[e] : 0.0f);
+      l[e] = dot<float>(xt, wp + e * Wr.stride(0), n) + (bp ? bp[e] : 0.0f);
       if (!std::isfinite(l[e])) return false;
       lmax_abs = std::max(lmax_abs, static_cast<double>(std::fabs(l[e])));
       if (bp) bmax = std::max(bmax, static_cast<double>(std::fabs(bp[e])));
@@ -434,7 +422,7 @@ bool route_inline(const at::Tensor& rx, const at::Tensor& Wr, const std::optiona
       // Ours and eager's logits are each within gamma * S of the exact ones (n + 1 terms with
       // the bias); the margin covers the softmax (subtracting the max, exp within a few ulp,
       // one division) and the rounding of the norms.
-      const double S = 1.01 * std::sqrt(static_cast<double>(fdot(xt, xt, n))) * wnorm + bmax;
+      const double S = 1.01 * std::sqrt(static_cast<double>(dot<float>(xt, xt, n))) * wnorm + bmax;
       const double gap = static_cast<double>(l[order[k - 1]]) - l[order[k]];
       if (!(gap > 4 * gamma * S + 64 * u * (1 + lmax_abs))) return false;
     }
