@@ -175,14 +175,37 @@ def compile_rewritten(rw: Rewrite, example_inputs: list[Any], opts: AdafuseOptio
     gm, derived = rw.graph, rw.derived_inputs
     if derived:
         example_inputs = [*example_inputs, *(d(example_inputs) for d in derived)]
-    if opts.inner == "inductor" and mode is not None:
+    if opts.inner != "inductor":
+        compiled = _inner_compiler(opts.inner)(gm, example_inputs)
+    else:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
-    else:
-        compiled = _inner_compiler(opts.inner)(gm, example_inputs)
+        patches = dict(list_mode_options(mode)) if mode is not None else {}
+        compiled = None
+        if opts.cpp_wrapper and _cpp_wrapper_pays(rw, example_inputs):
+            try:
+                compiled = compile_fx(gm, example_inputs, config_patches={**patches, "cpp_wrapper": True})
+            except Exception:  # a graph its C++ wrapper cannot express: the Python wrapper always can
+                log.warning("adafuse: Inductor's C++ wrapper failed on this graph; using its Python wrapper",
+                            exc_info=True)
+        if compiled is None:
+            compiled = compile_fx(gm, example_inputs, config_patches=patches) if patches else \
+                _inner_compiler("inductor")(gm, example_inputs)
     return _with_derived_inputs(compiled, derived, rw.state) if derived or rw.state else compiled
+
+
+def _cpp_wrapper_pays(rw: Rewrite, example_inputs) -> bool:
+    """Inductor's C++ wrapper (option ``cpp_wrapper``) for a CPU graph with fused sites (not merge
+    groups, whose per-step state lives in Python): the fused ops are extern calls, each ~4-8 us
+    from the Python wrapper. Measured (small model, one-token step, interleaved), Python vs C++
+    wrapper: stacked batch 1 6.09 vs 5.18 ms, MoLA batch 1 7.17 vs 6.42 ms, MoLA batch 8 15.88
+    vs 14.70 ms (the backbone 4.69 / 4.62 / 10.25 ms under default Inductor). Compiling the
+    wrapper's C++ is what it costs: medium MoLA model, cold, 137 s against 25 s without it
+    (``cpp_wrapper_build_separate`` brought it to 66 s but seemed to lose the step gain: 1.26x
+    the backbone, one noisy run), so it is off by default."""
+    return (not _on_cuda(example_inputs) and not rw.state
+            and any(report.status == "fused" for report in rw.sites))
 
 
 def _with_derived_inputs(compiled: Callable, derived: list, keepalive: list) -> Callable:

@@ -127,3 +127,30 @@ def test_mode_is_passed_to_inductor():
     x = torch.randn(5, 12)
     f = torch.compile(m, backend="adafuse", mode="max-autotune-no-cudagraphs")
     torch.testing.assert_close(f(x), m(x))
+
+
+def test_cpp_wrapper_option_compiles_fused_sites_with_inductors_cpp_wrapper(caplog, monkeypatch):
+    """``cpp_wrapper=True``: the rewritten graph goes through Inductor's C++ wrapper (the fused
+    ops called from C++), with eager's output and no fallback to the Python wrapper."""
+    import torch._inductor.compile_fx as inductor
+
+    from adafuse_compile.models.styles import StyledMLP
+
+    patches = []
+    real = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or real(*a, **kw))
+
+    torch.manual_seed(0)
+    model = StyledMLP("mola").eval()
+    x = torch.randn(2, 3, 48)
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="adafuse_compile"), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        with adafuse_compile.backend.capture_rewrites() as rewrites:
+            out = torch.compile(model, backend="adafuse", options={"cpp_wrapper": True})(x)
+        expected = model(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert any(r.status == "fused" for rw in rewrites for r in rw.sites)
+    assert any(p and p.get("cpp_wrapper") for p in patches)  # (compile_fx then calls itself unpatched)
+    assert not [r for r in caplog.records if "C++ wrapper failed" in r.getMessage()]
