@@ -98,9 +98,9 @@ def resolve_lowering(opts: AdafuseOptions, example_inputs=None) -> str:
     pure-torch fallback.
 
     Measured (small model, 16 decode steps, ``adafuse-bench --configs
-    backbone-inductor,mole-inductor,mole-fused,mole-op``), ratio to the backbone, decomposed vs
-    op: stacked experts batch 1 1.20 vs 1.17, MoLA-style per-expert loops batch 8 1.69 vs 1.44
-    (plain Inductor 1.24 and 1.61); compile 4.7 vs 4.4 s and 19.8 vs 9.5 s.
+    backbone-inductor,mole-inductor,mole-fused,mole-decomposed``), ratio to the backbone,
+    decomposed vs op: stacked experts batch 1 1.20 vs 1.17, MoLA-style per-expert loops batch 8
+    1.69 vs 1.44 (plain Inductor 1.24 and 1.61); compile 4.7 vs 4.4 s and 19.8 vs 9.5 s.
     """
     if opts.lowering != "auto":
         return opts.lowering

@@ -61,9 +61,13 @@ CONFIGS: tuple[Config, ...] = (
     # Per-layer routers: no decision is shared, so there is no group to merge; kept to show that.
     Config("mole-merge", "MoLE adafuse merge", "mole", "adafuse", {"strategy": "merge", "freeze": True}, exact=False,
            default=False),
-    # The custom op instead of Inductor's own code for each site (lowering="auto" picks the
-    # decomposed form on CPU; equal within noise on the medium model, README).
-    Config("mole-op", "MoLE adafuse op", "mole", "adafuse", {"strategy": "fused", "lowering": "op"},
+    # Inductor's own code for each site instead of the custom op (lowering="auto" picks the op
+    # when the C++ kernels build; the decomposed form was slower: options.py, lowering).
+    Config("mole-decomposed", "MoLE adafuse decomposed", "mole", "adafuse", {"strategy": "fused",
+                                                                             "lowering": "decomposed"},
+           default=False),
+    # Inductor's C++ wrapper around the fused ops (faster steps, much longer cold compiles).
+    Config("mole-cpp", "MoLE adafuse C++ wrapper", "mole", "adafuse", {"strategy": "fused", "cpp_wrapper": True},
            default=False),
     Config("pregated-eager", "pre-gated eager", "pregated", None),
     Config("pregated-inductor", "pre-gated inductor", "pregated", "inductor", default=False),
