@@ -206,8 +206,8 @@ def _cpp_wrapper_pays(rw: Rewrite, example_inputs) -> bool:
     54 s for plain Inductor. Building the wrapper's entry separately from the kernels
     (``cpp_wrapper_build_separate``, at -O1) brought that to 66 s and kept the step gain (small
     MoLA, batch 1, ratio to the backbone: Python wrapper 1.63, C++ 1.49, C++ built separately
-    1.41, one interleaved run), so it is built that way. Off by default until its compile cost
-    is measured on more models."""
+    1.41, one interleaved run), so it is built that way; medium stacked experts, cold, 1.08x the
+    backbone with it against 1.18x without, compile 23 s against Inductor's 25 s."""
     return (not _on_cuda(example_inputs) and not rw.state
             and any(report.status == "fused" for report in rw.sites))
 

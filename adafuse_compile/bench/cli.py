@@ -66,8 +66,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("mole-decomposed", "MoLE adafuse decomposed", "mole", "adafuse", {"strategy": "fused",
                                                                              "lowering": "decomposed"},
            default=False),
-    # Inductor's C++ wrapper around the fused ops (faster steps, much longer cold compiles).
-    Config("mole-cpp", "MoLE adafuse C++ wrapper", "mole", "adafuse", {"strategy": "fused", "cpp_wrapper": True},
+    # Inductor's Python wrapper around the fused ops instead of its C++ one (the default).
+    Config("mole-pywrapper", "MoLE adafuse Python wrapper", "mole", "adafuse", {"strategy": "fused",
+                                                                                "cpp_wrapper": False},
            default=False),
     Config("pregated-eager", "pre-gated eager", "pregated", None),
     Config("pregated-inductor", "pre-gated inductor", "pregated", "inductor", default=False),
