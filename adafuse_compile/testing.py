@@ -111,13 +111,14 @@ def assert_rewrite(model, *args, before=(), after=(), options=None, reduction: i
     names, or tuples of them (any one of them). Returns the
     :class:`~adafuse_compile.backend.Rewrite` of each graph."""
     rewrites = _equivalent_rewrites(model, args, kwargs, options, reduction)
+    def calls(gm, target) -> int:
+        return count_calls(gm, *(target if isinstance(target, tuple) else (target,)))
+
     for target in before:
-        targets = target if isinstance(target, tuple) else (target,)
-        assert any(count_calls(rw.original, *targets) for rw in rewrites), f"{target} not in the captured graph"
-        assert not any(count_calls(rw.graph, *targets) for rw in rewrites), f"{target} still called after the rewrite"
+        assert any(calls(rw.original, target) for rw in rewrites), f"{target} not in the captured graph"
+        assert not any(calls(rw.graph, target) for rw in rewrites), f"{target} still called after the rewrite"
     for target in after:
-        targets = target if isinstance(target, tuple) else (target,)
-        assert any(count_calls(rw.graph, *targets) for rw in rewrites), f"{target} not called after the rewrite"
+        assert any(calls(rw.graph, target) for rw in rewrites), f"{target} not called after the rewrite"
     return rewrites
 
 

@@ -134,19 +134,29 @@ def _lora_moe_linear_lists_op(
     return lora_moe_linear_torch(x, weight, bias, torch.stack(A), torch.stack(B), idx, g, scale)
 
 
-def _check_lists(A, B, check=torch._check) -> None:
-    check(len(B) > 0 and len(A) in (1, len(B)), lambda: f"{len(A)} A factors for {len(B)} experts")
+def _stacked(A, B):
+    """``(A, B)`` stacked: the tensors of the stacked form (``[A]``, ``[B]`` with ``B`` 3-d), or
+    ``torch.stack`` of per-expert lists."""
+    if len(B) == 1 and B[0].dim() == 3:
+        return A[0], B[0]
+    return torch.stack(A), torch.stack(B)
+
+
+def _check_factor_lists(x, weight, bias, A, B, idx, g) -> None:
+    """:func:`check_lora_moe_args` for per-expert lists: matrices of one shape and dtype each,
+    checked as their first one, stacked."""
+    torch._check(len(B) > 0 and len(A) in (1, len(B)), lambda: f"{len(A)} A factors for {len(B)} experts")
     for name, ts in (("A", A), ("B", B)):
         for t in ts:
-            check(t.dim() == 2 and t.shape == ts[0].shape and t.dtype == ts[0].dtype,
-                  lambda name=name, t=t, ts=ts: f"every {name} must be like {name}[0] {tuple(ts[0].shape)} "
-                                                f"{ts[0].dtype}, got {tuple(t.shape)} {t.dtype}")
+            torch._check(t.dim() == 2 and t.shape == ts[0].shape and t.dtype == ts[0].dtype,
+                         lambda name=name, t=t, ts=ts: f"every {name} must be like {name}[0] {tuple(ts[0].shape)} "
+                                                       f"{ts[0].dtype}, got {tuple(t.shape)} {t.dtype}")
+    check_lora_moe_args(x, weight, bias, A[0].unsqueeze(0), B[0].unsqueeze(0), idx, g)
 
 
 @_lora_moe_linear_lists_op.register_fake
 def _(x, weight, bias, A, B, idx, g, scale):
-    _check_lists(A, B)
-    check_lora_moe_args(x, weight, bias, A[0].unsqueeze(0), B[0].unsqueeze(0), idx, g)
+    _check_factor_lists(x, weight, bias, A, B, idx, g)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -188,13 +198,6 @@ def _routed_op(
     return lora_moe_linear_torch(x, weight, bias, *_stacked(A, B), idx, g, scale)
 
 
-def _stacked(A, B):
-    """``(A, B)`` stacked: one tensor each for the stacked form, ``torch.stack`` of the lists."""
-    if len(B) == 1 and B[0].dim() == 3:
-        return A[0], B[0]
-    return torch.stack(A), torch.stack(B)
-
-
 @_routed_op.register_fake
 def _(x, weight, bias, router_input, router_weight, router_bias, A, B, k, softmax_first, renorm, softmax_dtype,
       gate_dtype, sorted, scale):
@@ -203,11 +206,11 @@ def _(x, weight, bias, router_input, router_weight, router_bias, A, B, k, softma
     torch._check(router_weight.dim() == 2 and router_weight.shape[1] == router_input.shape[1],
                  lambda: f"router_weight must be [E, {router_input.shape[1]}], got {tuple(router_weight.shape)}")
     torch._check(0 < k <= router_weight.shape[0], lambda: f"k={k} of {router_weight.shape[0]} experts")
-    if not (len(B) == 1 and B[0].dim() == 3):
-        _check_lists(A, B)
-        A, B = [A[0].unsqueeze(0)], [B[0].unsqueeze(0)]
-    idx = x.new_empty(x.shape[0], k, dtype=torch.int64)
-    check_lora_moe_args(x, weight, bias, A[0], B[0], idx, x.new_empty(x.shape[0], k, dtype=torch.float32))
+    idx, g = x.new_empty(x.shape[0], k, dtype=torch.int64), x.new_empty(x.shape[0], k, dtype=torch.float32)
+    if len(B) == 1 and B[0].dim() == 3:  # the stacked form
+        check_lora_moe_args(x, weight, bias, A[0], B[0], idx, g)
+    else:
+        _check_factor_lists(x, weight, bias, A, B, idx, g)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -110,9 +110,14 @@ def _tokens_and_decision(x, idx, g):
     return x2, idx.reshape(-1, g.shape[-1]).to(torch.int64), g
 
 
-def _expert_list(t, layout: str, canonical) -> list:
-    """One factor's per-expert matrices: the list itself, or views into the stacked tensor."""
-    return list(t) if layout == "list" else list(canonical(t, layout).unbind(0))
+def _op_factors(A, B, A_layout: str, B_layout: str) -> tuple[list, list]:
+    """``(As, Bs)`` as the list-taking ops read them: per-expert matrices when either factor is
+    held one tensor per expert (the other as views into its stack), else the canonical stacks."""
+    if "list" not in (A_layout, B_layout):
+        return [canonical_A(A, A_layout)], [canonical_B(B, B_layout)]
+    As = list(A) if A_layout == "list" else list(canonical_A(A, A_layout).unbind(0))
+    Bs = list(B) if B_layout == "list" else list(canonical_B(B, B_layout).unbind(0))
+    return As, Bs
 
 
 def fused_site(x, weight, bias, A, B, idx, g, *, scale: float, A_layout: str, B_layout: str, out_dtype,
@@ -126,7 +131,7 @@ def fused_site(x, weight, bias, A, B, idx, g, *, scale: float, A_layout: str, B_
     if lowering == "op" and "list" in (A_layout, B_layout):
         # Experts held one tensor each: the op reads them in place (stacking them copied every
         # expert at every step: ~90 us per site of the small model at batch 8).
-        As, Bs = _expert_list(A, A_layout, canonical_A), _expert_list(B, B_layout, canonical_B)
+        As, Bs = _op_factors(A, B, A_layout, B_layout)
         if all(t.dtype == x.dtype for t in (weight, *As, *Bs)):
             x2, idx, g = _tokens_and_decision(x, idx, g)
             y = lora_moe_linear_lists(x2, weight, bias, As, Bs, idx, g, scale)
@@ -185,10 +190,7 @@ def routed_site(x, weight, bias, router_input, router_weight, router_bias, A, B,
                 out_dtype):
     """:func:`fused_site` whose top-k router runs inside the op (:mod:`.route`): the decision is
     :func:`~adafuse_compile.kernels.reference.topk_route` of ``router_input``."""
-    if "list" in (A_layout, B_layout):
-        As, Bs = _expert_list(A, A_layout, canonical_A), _expert_list(B, B_layout, canonical_B)
-    else:
-        As, Bs = [canonical_A(A, A_layout)], [canonical_B(B, B_layout)]
+    As, Bs = _op_factors(A, B, A_layout, B_layout)
     y = routed_lora_moe_linear(
         x.reshape(-1, x.shape[-1]), weight, bias, router_input.reshape(-1, router_input.shape[-1]), router_weight,
         router_bias, As, Bs, k=k, softmax_first=softmax_first, renorm=renorm, softmax_dtype=softmax_dtype,

@@ -213,7 +213,8 @@ class RouteIntoSitesPass(GraphPass):
             routed.meta.update(node.meta)
             node.replace_all_uses_with(routed)
             gm.graph.erase_node(node)
-            for n in reversed([n for n in gm.graph.nodes if n in set(match.nodes)]):  # read by nothing else
+            chain = set(match.nodes)
+            for n in reversed([n for n in gm.graph.nodes if n in chain]):  # read by nothing else
                 gm.graph.erase_node(n)
             report = routed.meta.get(SITE_META)
             self.moved.append(report.path if report is not None else routed.name)

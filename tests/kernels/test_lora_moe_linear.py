@@ -53,10 +53,11 @@ def _run_case(p, impl=lora_moe_linear):
     assert_close_to_reference(y, reference(*args, p["scale"]), reduction=p["in_f"] + k * p["r"])
 
 
-def test_cpu_kernel_is_built_and_registered():
-    """CI has a compiler: the C++ kernel must serve the op, or every test below tests the fallback."""
+@pytest.mark.parametrize("op", ["lora_moe_linear", "lora_moe_linear_lists", "routed_lora_moe_linear"])
+def test_cpu_kernel_is_built_and_registered(op):
+    """CI has a compiler: the C++ kernels must serve the ops, or the tests test the fallbacks."""
     assert load_cpu_kernels()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("adafuse::lora_moe_linear", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adafuse::{op}", "CPU")
 
 
 @given(case_params)
@@ -190,11 +191,6 @@ def _as_lists(A, B):
 
 def _lists_impl(x, W, b, A, B, idx, g, scale):
     return lora_moe_linear_lists(x, W, b, *_as_lists(A, B), idx, g, scale)
-
-
-def test_lists_cpu_kernel_is_registered():
-    assert load_cpu_kernels()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("adafuse::lora_moe_linear_lists", "CPU")
 
 
 @given(case_params)

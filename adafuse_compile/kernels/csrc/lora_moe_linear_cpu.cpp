@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -304,25 +305,38 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 // varies 2-3x between T here, so compare within a row): GEMMs from T*k >= 8E.
 bool use_gemms(int64_t T, int64_t k, int64_t E) { return T * k >= 8 * E; }
 
-at::Tensor lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               const at::Tensor& A, const at::Tensor& B, const at::Tensor& idx, const at::Tensor& g,
-                               double scale) {
-  check_common(x, weight, bias, idx, g);
-  check_factors(x, weight, A, B);
+// The base linear plus the chosen experts, whatever holds them: ``stacked()`` gives ``(A, B)``
+// as stacked tensors for the GEMM path, ``factors<scalar_t>()`` the in-place view of them for
+// the loops.
+template <typename Stacked, typename Build>
+at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& idx, const at::Tensor& g, double scale, int64_t E, Stacked stacked,
+                             Build factors) {
   at::Tensor y = at::linear(x, weight, bias);
-  const int64_t T = x.size(0), k = idx.size(1), E = B.size(0);
+  const int64_t T = x.size(0), k = idx.size(1);
   if (T == 0 || k == 0 || scale == 0.0) return y;
   y = y.contiguous();
-  if (use_gemms(T, k, E)) {
+  if (use_gemms(T, k, E)) {  // prefill: stacking experts held one tensor each is paid once for many tokens
+    const auto [A, B] = stacked();
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    add_chosen_experts<scalar_t>(x.contiguous(), stacked_factors<scalar_t>(A, B), E, idx.contiguous(),
+    add_chosen_experts<scalar_t>(x.contiguous(), factors.template operator()<scalar_t>(), E, idx.contiguous(),
                                  g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y);
   });
   return y;
+}
+
+at::Tensor lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& A, const at::Tensor& B, const at::Tensor& idx, const at::Tensor& g,
+                               double scale) {
+  check_common(x, weight, bias, idx, g);
+  check_factors(x, weight, A, B);
+  return base_plus_experts(
+      x, weight, bias, idx, g, scale, B.size(0), [&] { return std::make_pair(A, B); },
+      [&]<typename scalar_t>() { return stacked_factors<scalar_t>(A, B); });
 }
 
 at::Tensor lora_moe_linear_lists_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -341,20 +355,9 @@ at::Tensor lora_moe_linear_lists_cpu(const at::Tensor& x, const at::Tensor& weig
                 "every B must be [out, r] of x's dtype like B[0] ", B[0].sizes(), ", got ", b.sizes(), " ", b.scalar_type());
   }
   check_factors(x, weight, A[0].unsqueeze(0), B[0].unsqueeze(0));
-  at::Tensor y = at::linear(x, weight, bias);
-  const int64_t T = x.size(0), k = idx.size(1);
-  if (T == 0 || k == 0 || scale == 0.0) return y;
-  y = y.contiguous();
-  if (use_gemms(T, k, E)) {  // prefill: stacking is paid once for many tokens
-    add_experts_dense(x, at::stack(A), at::stack(B), idx, (g * scale).to(x.scalar_type()), y);
-    return y;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_lists_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    add_chosen_experts<scalar_t>(x.contiguous(), listed_factors<scalar_t>(A, B), E, idx.contiguous(),
-                                 g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y);
-  });
-  return y;
+  return base_plus_experts(
+      x, weight, bias, idx, g, scale, E, [&] { return std::make_pair(at::stack(A), at::stack(B)); },
+      [&]<typename scalar_t>() { return listed_factors<scalar_t>(A, B); });
 }
 
 // ---- The site with its router (adafuse::routed_lora_moe_linear) ----------------------------
