@@ -26,7 +26,8 @@ from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["Rewrite", "adafuse_backend", "build_pass_manager", "capture_rewrites", "compile_rewritten", "rewrite"]
+__all__ = ["Rewrite", "adafuse_backend", "ambient_options", "build_pass_manager", "capture_rewrites", "compile_rewritten",
+           "rewrite"]
 
 
 @dataclasses.dataclass
@@ -66,6 +67,27 @@ def capture_rewrites():
         yield found
     finally:
         stack.remove(found)
+
+
+_AMBIENT = threading.local()
+
+
+@contextlib.contextmanager
+def ambient_options(options: Mapping[str, Any] | AdafuseOptions | None):
+    """Options for the backend calls made in this thread meanwhile that come with none.
+
+    An engine that compiles by backend name passes no options of ours: vLLM calls
+    ``torch.compile(..., backend="adafuse")`` and gives its options only to Inductor. An
+    integration that knows the user's options (vLLM: ``additional_config={"adafuse": {...}}``)
+    wraps the engine's first forward in this. Options given to the backend explicitly win.
+    """
+    opts = AdafuseOptions.from_dict(options)
+    previous = getattr(_AMBIENT, "options", None)
+    _AMBIENT.options = opts
+    try:
+        yield opts
+    finally:
+        _AMBIENT.options = previous
 
 
 def _publish(rw: Rewrite) -> None:
@@ -130,9 +152,10 @@ def adafuse_backend(
 ) -> Callable:
     """Dynamo backend entry: rewrite ``gm`` with the adafuse passes, then compile it with ``inner``.
 
-    ``mode`` is accepted for ``torch.compile``'s signature and passed to Inductor.
+    ``mode`` is accepted for ``torch.compile``'s signature and passed to Inductor. Without
+    ``options``, those of an enclosing :func:`ambient_options` apply.
     """
-    opts = AdafuseOptions.from_dict(options)
+    opts = AdafuseOptions.from_dict(options if options is not None else getattr(_AMBIENT, "options", None))
     if opts.pregate == "approximate":  # needs the model, not a graph: adafuse_compile.compile does it
         from .pregate import APPROXIMATE_NEEDS_MODEL
 

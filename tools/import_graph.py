@@ -4,7 +4,7 @@
 
 The layers (README, Architecture), lowest first; a module may import its own layer and below:
 options and kernels -> runtime and the model zoo -> passes -> backend, explain, api, pregate ->
-testing and the benchmark -> the package's ``__init__``.
+testing, the benchmark and the engine integrations -> the package's ``__init__``.
 
 Reads the source with ``ast`` (nothing is imported): module-level and function-level
 ``from .x import y`` / ``import adafuse_compile.x`` statements form the graph.
@@ -95,7 +95,7 @@ LAYERS = [
     ("adafuse_compile.passes", 2),
     ("adafuse_compile.backend", 3), ("adafuse_compile.explain", 3), ("adafuse_compile.api", 3),
     ("adafuse_compile.pregate", 3), ("adafuse_compile.mixed_batches", 3),
-    ("adafuse_compile.testing", 4), ("adafuse_compile.bench", 4),
+    ("adafuse_compile.testing", 4), ("adafuse_compile.bench", 4), ("adafuse_compile.integrations", 4),
 ]
 
 
