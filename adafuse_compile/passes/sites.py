@@ -394,6 +394,45 @@ def _differ(a, b) -> bool:
     return hint(a) != hint(b)
 
 
+# What tensor parallelism (torch.distributed.tensor.parallel) puts around a sharded linear: the
+# input made a DTensor (``from_local``) and the output made local again (``redistribute`` to the
+# output layout, ``to_local``, the wait of an asynchronous collective).
+_TP_INPUT = ("from_local",)
+_TP_OUTPUT = ("redistribute", "to_local", "wait", "wait_tensor", "full_tensor")
+
+
+def _wrapper_subclass(value: torch.Tensor) -> str | None:
+    """The class name of a tensor subclass that wraps other tensors (DTensor, a quantized weight), else None."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return type(value).__name__ if is_traceable_wrapper_subclass(value) else None
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _local_input(x: fx.Node) -> fx.Node:
+    """``x0`` for ``x = DTensor.from_local(x0, ...)``, possibly redistributed (a row-parallel
+    linear's input sharded on its last dimension): what the adapter terms read."""
+    cur = x
+    while (cur.op in ("call_function", "call_method") and _target_name(cur) in _TP_INPUT + ("redistribute",)
+           and isinstance(cur.args[0], fx.Node)):
+        cur = cur.args[0]
+    return cur
+
+
+def _past_output_hooks(base: fx.Node) -> fx.Node:
+    """The last of the single-user tensor-parallel output conversions after ``base`` (or ``base``)."""
+    cur = base
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if user.op not in ("call_function", "call_method") or _target_name(user) not in _TP_OUTPUT:
+            break
+        cur = user
+    return cur
+
+
 def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], list[Rejected]]:
     """Candidate sites in graph order, and linears with extra terms that were rejected (with why).
 
@@ -412,12 +451,16 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
         bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
         if not isinstance(x, fx.Node) or (bias is not None and bias not in params):
             continue
+        subclass = _wrapper_subclass(params[weight])
+        if subclass is not None:  # tensor parallel: from_local(x) -> linear -> redistribute -> to_local
+            x = _local_input(x)
+        start = _past_output_hooks(base) if subclass is not None else base
         if any(is_inplace(u) and u.args[0] is x for u in x.users):
             rejected.append(Rejected(module_path(weight), "the linear's input is modified in place"))
             continue
         path = module_path(weight)
         from_x = _descendants_of(x)
-        cur, terms, nodes, leaves, externals, reason = base, [], {base}, [], [], None
+        cur, terms, nodes, leaves, externals, reason = start, [], {base}, [], [], None
         while len(cur.users) == 1:
             user = next(iter(cur.users))
             if not _is_add(user):
@@ -441,7 +484,11 @@ def find_sites(gm: fx.GraphModule, example_inputs=None) -> tuple[list[Site], lis
             externals.extend(term_externals)
             cur = user
         externals = sorted(set(externals), key=order.__getitem__)
-        if terms and externals and not _decision_shaped(externals, x):
+        if terms and subclass is not None:
+            rejected.append(Rejected(path, (
+                f"the base linear's weight is a {subclass} (a tensor-parallel shard or another wrapper subclass): the "
+                "fused ops take plain local tensors, so the site is left as it is")))
+        elif terms and externals and not _decision_shaped(externals, x):
             rejected.append(Rejected(path, _why_not_a_decision(externals, params)))
         elif terms:
             leaf_set = list(dict.fromkeys(p for p in leaves if p not in (weight, bias)))
