@@ -14,15 +14,21 @@ a JSON file per rank with ``report_dir``).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
+import pathlib
 import re
 from typing import Any
+
+import torch
 
 from ...backend import ambient_options, capture_rewrites
 from ...explain import ExplainReport
 from ...options import AdafuseOptions
+from ...passes import graph_ops
 
 log = logging.getLogger("adafuse_compile")
 
@@ -68,8 +74,70 @@ class ServingSettings:
         except ValueError as e:
             raise ValueError(f"additional_config['adafuse']: {e} (besides them: report_dir)") from None
         backend = str(vllm_config.compilation_config.backend)
+        if backend == "adafuse" and _aot_compile_on():
+            _check_aot_compatible(options)
         return cls(options, report_dir, backend, get_tensor_model_parallel_rank(),
                    get_tensor_model_parallel_world_size())
+
+
+def _aot_compile_on() -> bool:
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_USE_AOT_COMPILE)
+
+
+def _check_aot_compatible(options: AdafuseOptions) -> None:
+    """Refuse, at the engine's start, options whose compiled graphs vLLM's AOT compile cannot
+    store correctly: derived inputs (``freeze=True``) make the backend's result a Python
+    closure that AOT compile cannot serialize (the engine then fails or hangs), merge groups
+    (``strategy`` ``"merge"``/``"auto"``) reach per-process state by an id no artifact may
+    keep, and ``inner`` other than Inductor returns no serializable function."""
+    bad = []
+    if options.freeze:
+        bad.append("freeze=True")
+    if options.strategy != "fused":
+        bad.append(f"strategy={options.strategy!r}")
+    if options.inner != "inductor":
+        bad.append(f"inner={options.inner!r}")
+    if bad:
+        raise ValueError(f"additional_config['adafuse']: {', '.join(bad)} cannot be stored by vLLM's AOT compile "
+                         "(the compiled function holds process state or is not serializable); run with "
+                         "VLLM_USE_AOT_COMPILE=0 or VLLM_DISABLE_COMPILE_CACHE=1, or drop these options")
+
+
+# The functions of graph_ops that hold no state: a graph calling them computes the same thing
+# wherever and whenever it runs, given the same graph (group_decision / group_site reach a merge
+# group of this process by id, so they are not among them).
+_STATELESS_GRAPH_OPS = ("canonical_A", "canonical_B", "dispatch_rows", "empty_linear_output", "expert_linear",
+                        "rows_where", "fused_site", "hoisted_logits", "routed_site", "router_logits", "site_operands")
+
+
+@functools.cache
+def _source_hash() -> str:
+    """A hash of adafuse_compile's code (Python and C++) and torch's version: what a cached
+    compiled graph calling our functions depends on besides the graph itself."""
+    h = hashlib.sha256(torch.__version__.encode())
+    root = pathlib.Path(__file__).resolve().parents[2]
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cpp")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def cacheable_graph_ops() -> dict[str, str]:
+    """``torch._inductor.config.unsafe_marked_cacheable_functions`` entries for the stateless
+    functions rewritten graphs call, keyed by our code's hash.
+
+    Why (the wrong tokens of issue 15): AOTAutograd's cache refuses graphs calling functions it
+    does not know ("Unsupported call_function target ...graph_ops.routed_site"). Under vLLM's
+    AOT compile (``bypass_autograd_cache_key``) torch then keys the graph by a "nonce",
+    ``str(random.random())``; vLLM seeds Python's ``random`` identically in every worker, so the
+    nonce is the same on every tensor-parallel rank and in every run. Both ranks stored their
+    graphs (which differ: each embeds its own vocabulary shard's bounds) under one key, and a
+    warm start loaded the other rank's graph: garbage logits on one rank, wrong tokens. With
+    our functions marked, the key is computed from the graph, as for plain Inductor.
+    """
+    return {f"{graph_ops.__name__}.{name}": _source_hash() for name in _STATELESS_GRAPH_OPS}
 
 
 class FirstCompile:
@@ -87,14 +155,19 @@ class FirstCompile:
         self._stack: list = []
 
     def __enter__(self) -> "FirstCompile":
-        options_cm, capture_cm = ambient_options(self.settings.options), capture_rewrites()
-        options_cm.__enter__()
+        marked = {**torch._inductor.config.unsafe_marked_cacheable_functions, **cacheable_graph_ops()}
+        managers = [torch._inductor.config.patch(unsafe_marked_cacheable_functions=marked),
+                    ambient_options(self.settings.options), capture_rewrites()]
+        entered = []
         try:
-            self._rewrites = capture_cm.__enter__()
+            for cm in managers:
+                self._rewrites = cm.__enter__()
+                entered.append(cm)
         except BaseException:
-            options_cm.__exit__(None, None, None)
+            for cm in reversed(entered):
+                cm.__exit__(None, None, None)
             raise
-        self._stack = [capture_cm, options_cm]
+        self._stack = list(reversed(entered))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
