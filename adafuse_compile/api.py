@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from .branches import skip_branches_when_compiling
 from .mixed_batches import MixedBatches
 from .options import AdafuseOptions
 
@@ -62,9 +63,12 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
 
 def _with_settings(forward: Callable, model: torch.nn.Module) -> Callable:
     mixed = []  # PEFT LoRA models: the gated path, installed at the first mixed-adapter batch
+    branches = []  # expert loops that skip empty experts: traceable copies, installed at the first call
 
     @functools.wraps(forward)
     def forward_with_settings(*args, **kwargs):
+        if not branches:
+            branches.append(skip_branches_when_compiling(model))
         with torch._dynamo.config.patch(DYNAMO_SETTINGS), serving_mixed_batch(model, mixed, args, kwargs) as kwargs:
             return forward(*args, **kwargs)
 

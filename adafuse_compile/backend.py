@@ -18,8 +18,8 @@ import torch.fx
 
 from .kernels.cpu_extension import load_cpu_kernels
 from .options import AdafuseOptions
-from .passes import (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MergeSwitchPass, NormalizeLinearsPass,
-                     PassManager, RouteIntoSitesPass, SliceLinearRowsPass)
+from .passes import (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MaskedAccumulatePass,
+                     MergeSwitchPass, NormalizeLinearsPass, PassManager, RouteIntoSitesPass, SliceLinearRowsPass)
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
 from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
@@ -97,7 +97,7 @@ def _publish(rw: Rewrite) -> None:
 
 def build_pass_manager(opts: AdafuseOptions, example_inputs=None) -> PassManager:
     """The passes the options enable, in order."""
-    passes = [NormalizeLinearsPass(), SliceLinearRowsPass()]
+    passes = [NormalizeLinearsPass(), SliceLinearRowsPass(), MaskedAccumulatePass()]
     if opts.fuse:
         passes.append(BatchTokenDispatchPass(freeze=opts.freeze))
     if opts.fold and opts.freeze:

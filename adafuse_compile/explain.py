@@ -10,6 +10,7 @@ import torch
 
 from .api import DYNAMO_SETTINGS, serving_mixed_batch
 from .backend import Rewrite, rewrite
+from .branches import BranchReport, skip_branches_when_compiling
 from .options import AdafuseOptions
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
@@ -29,6 +30,7 @@ class ExplainReport:
     break_reasons: list[str]
     groups: list[GroupReport] = dataclasses.field(default_factory=list)  # sites sharing one pre-gate decision
     hoisted_routers: list[HoistedGroup] = dataclasses.field(default_factory=list)  # routers batched into one matmul
+    branches: list[BranchReport] = dataclasses.field(default_factory=list)  # expert loops skipping empty experts
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
@@ -58,6 +60,9 @@ class ExplainReport:
         for grp in self.groups:
             lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
                          f"cost model: {grp.estimate}")
+        for b in self.branches:
+            lines.append(f"{b.cls}: " + (f"branch-free when compiling ({b.modules} module(s)): " if b.installed else "")
+                         + b.reason)
         for reason in self.break_reasons:
             lines.append(f"graph break: {reason}")
         if self.graph_breaks:
@@ -101,6 +106,7 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
 
     torch._dynamo.reset()
     counters.clear()
+    branches = [] if plain_torch_compile else skip_branches_when_compiling(model)
     try:
         mixed = contextlib.nullcontext(kwargs) if plain_torch_compile else serving_mixed_batch(model, [], args, kwargs)
         with torch._dynamo.config.patch({} if plain_torch_compile else DYNAMO_SETTINGS), mixed as kwargs:
@@ -113,7 +119,7 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
         torch._dynamo.reset()
     report = ExplainReport([s for rw in rewrites for s in rw.sites], len(rewrites), sum(breaks.values()),
                            sorted(breaks), [g for rw in rewrites for g in rw.groups],
-                           [h for rw in rewrites for h in rw.hoisted])
+                           [h for rw in rewrites for h in rw.hoisted], branches)
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report

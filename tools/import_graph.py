@@ -94,7 +94,7 @@ LAYERS = [
     ("adafuse_compile.runtime", 1), ("adafuse_compile.models", 1),
     ("adafuse_compile.passes", 2),
     ("adafuse_compile.backend", 3), ("adafuse_compile.explain", 3), ("adafuse_compile.api", 3),
-    ("adafuse_compile.pregate", 3), ("adafuse_compile.mixed_batches", 3),
+    ("adafuse_compile.pregate", 3), ("adafuse_compile.mixed_batches", 3), ("adafuse_compile.branches", 3),
     ("adafuse_compile.testing", 4), ("adafuse_compile.bench", 4), ("adafuse_compile.integrations", 4),
 ]
 

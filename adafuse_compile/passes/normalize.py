@@ -29,6 +29,19 @@ After::
 
 so that each slice is a site (:func:`~.sites.find_sites`: a linear followed by adds). Slicing
 rows commutes with a linear; the values agree up to the BLAS's rounding of the product.
+
+``MaskedAccumulatePass``: an add into the rows a boolean mask selects, written as Python does
+``acc[mask] += v`` (eulerforge's expert loop)::
+
+    sel = acc[mask];  sel += v;  acc[mask] = sel          # getitem, iadd (or add), setitem
+
+After::
+
+    acc.index_put_((mask,), v, accumulate=True)
+
+A boolean mask selects each position at most once, so reading the rows, adding and writing them
+back is an accumulation: the same one rounding of ``acc + v`` per element, exactly. The in-place
+form is what the site finder follows (an in-place write of values computed from the input).
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from .graph_ops import empty_linear_output
 from .manager import GraphPass
 from .sites import is_inplace, is_linear, node_value_meta
 
-__all__ = ["NormalizeLinearsPass", "SliceLinearRowsPass"]
+__all__ = ["MaskedAccumulatePass", "NormalizeLinearsPass", "SliceLinearRowsPass"]
 
 
 class NormalizeLinearsPass(GraphPass):
@@ -152,3 +165,62 @@ def _getitem(graph: fx.Graph, x: fx.Node, index) -> fx.Node:
     if val is not None:
         node.meta["example_value"] = val[index]
     return node
+
+
+class MaskedAccumulatePass(GraphPass):
+    """``sel = acc[mask]; sel += v; acc[mask] = sel`` or ``acc[mask] = acc[mask] + v`` (``mask``
+    boolean) becomes ``acc.index_put_((mask,), v, accumulate=True)``."""
+
+    name = "masked_accumulate"
+
+    def __call__(self, gm: fx.GraphModule, example_inputs=None) -> None:
+        for store in list(gm.graph.nodes):
+            if not (store.op == "call_function" and store.target is operator.setitem and len(store.args) == 3):
+                continue
+            acc, mask, added = store.args
+            if not (isinstance(mask, fx.Node) and _is_bool(mask) and isinstance(added, fx.Node)
+                    and added.op == "call_function" and added.target in _ADDS and len(added.args) == 2
+                    and not added.kwargs and len(added.users) == 1):
+                continue
+            # acc[mask] + v or v + acc[mask] (one rounding of the same two values either way)
+            read, v = added.args if _reads(added.args[0], acc, mask) else reversed(added.args)
+            if not (_reads(read, acc, mask) and all(u is added or _is_size_query(u) for u in read.users)
+                    and _no_write_between(read, added, store)):
+                continue
+            with gm.graph.inserting_before(store):
+                new = gm.graph.call_method("index_put_", (acc, (mask,), v), {"accumulate": True})
+            new.meta.update(store.meta)
+            gm.graph.erase_node(store)
+            gm.graph.erase_node(added)
+            if not read.users:  # else its size is read (Dynamo's checks of a data-dependent size)
+                gm.graph.erase_node(read)
+
+
+_ADDS = (operator.iadd, operator.add, torch.add)
+
+
+def _reads(node, acc: fx.Node, mask: fx.Node) -> bool:
+    """``node`` is ``acc[mask]``."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and node.args == (acc, mask))
+
+
+def _is_size_query(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int) or (
+        node.op == "call_method" and node.target == "size")
+
+
+def _is_bool(node: fx.Node) -> bool:
+    val = node_value_meta(node)
+    return val is not None and val.dtype == torch.bool
+
+
+def _no_write_between(read: fx.Node, added: fx.Node, store: fx.Node) -> bool:
+    """Nothing between ``read`` and ``store`` but ``added`` writes in place (the rows read are the
+    rows written back, holding what they held)."""
+    node = read.next
+    while node is not store:
+        if node is not added and (is_inplace(node) or (node.op == "call_function" and node.target is operator.setitem)):
+            return False
+        node = node.next
+    return True

@@ -4,8 +4,9 @@ MoE-PEFT 2.0.2 (MoLA, LoRAMoE, MixLoRA top-k and top-p), eulerforge 0.1.0 (Mixtu
 and mixlora 0.2.3 (TUDB-Labs). For each: the compiled model gives eager's output; ``explain``
 reports what is fused (MoLA and LoRAMoE per linear, MixLoRA per MLP block by token dispatch,
 mixlora's attention LoRA as static sites); the target, every adapter site fused or folded with no
-graph break, is asserted for every package, as a strict xfail where it does not hold yet
-(eulerforge); ``explain`` reports exactly the sites ``adafuse_compile.compile`` rewrites.
+graph break, is asserted for every package; ``explain`` reports exactly the sites
+``adafuse_compile.compile`` rewrites. eulerforge skips empty experts with ``if not mask.any():
+continue``, a branch on data: it is compiled branch-free (:mod:`adafuse_compile.branches`).
 
 The packages are installed with ``pip install --no-deps`` (see the Makefile); a test of a
 package that is not installed is skipped. Each model is built, explained and compiled once per
@@ -150,17 +151,36 @@ def test_token_dispatch_mixlora_mlp_block_fused(outcomes, name, block, k):
                for s in mlp), str(report)
 
 
-# The target for every package. Strict xfail where it does not hold yet: it turns into a failure
-# (XPASS) once it does; then drop the mark.
-@pytest.mark.parametrize("name", [
-    *[name for name in BUILDERS if name != "eulerforge"],
-    pytest.param("eulerforge", marks=pytest.mark.xfail(strict=True, reason=(
-        "eulerforge's MixtureLoRALinear loops over (k, expert) with `if not mask.any(): continue`: data-dependent "
-        "branching breaks the graph inside the loop, so Dynamo skips the frame and the adapters run eagerly "
-        "(no site captured)"))),
-])
+# The target for every package.
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_target_every_adapter_site_fused_or_folded(outcomes, name):
     report = outcomes(name).report
     assert report.graph_breaks == 0, str(report)
     assert report.count("left") == 0, str(report)
     assert _covered(report, ADAPTED[name]) == set(ADAPTED[name]), str(report)
+
+
+def test_eulerforge_compiled_branch_free_with_its_statistics(outcomes):
+    """Its expert loop is made branch-free when compiling (proved, reported), every MLP linear is
+    one fused site, and the routing statistics the forward stores on each module (``track_stats``,
+    on by default: token fractions, gate probabilities, entropy) are still eager's."""
+    o = outcomes("eulerforge")
+    from eulerforge.modules.mixture_lora import MixtureLoRALinear
+
+    (branch,) = o.report.branches
+    assert branch.cls == "MixtureLoRALinear" and branch.installed and branch.modules == len(ADAPTED["eulerforge"])
+    assert all(s.status == "fused" and (s.experts, s.k, s.rank, s.gate) == (rp.EXPERTS, rp.TOP_K, rp.RANK, "softmax_topk")
+               for s in o.report.sites), str(o.report)
+    layers = [m for m in o.built.model.modules() if isinstance(m, MixtureLoRALinear)]
+    for m in layers:  # the compiled run must write them again
+        m.last_stats = m.last_entropy = None
+    with torch.no_grad():
+        o.built.run(adafuse_compile.compile(o.built.model, inner="eager"))
+        compiled = [(m.last_stats.token_frac.clone(), m.last_stats.gate_prob.clone(), m.last_entropy.clone())
+                    for m in layers]
+        o.built.run()  # eager: the installed forward keeps the skip outside compilation
+        eager = [(m.last_stats.token_frac, m.last_stats.gate_prob, m.last_entropy) for m in layers]
+    torch._dynamo.reset()
+    for got, want in zip(compiled, eager):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,308 @@
+"""Expert loops that skip empty experts (``if not mask.any(): continue``), made traceable.
+
+Token-routed adapter code often loops over experts and skips those no token chose
+(eulerforge's ``MixtureLoRALinear``)::
+
+    for e in range(E):
+        mask = idx_k == e
+        if not mask.any():          # a branch on data: Dynamo breaks the graph here
+            continue
+        d = self.experts[e](t[mask])
+        delta[mask] += d * w[mask]
+
+The branch only saves work: when ``mask`` selects nothing, the rest of the iteration gathers
+empty rows, computes on them and adds nothing. Each break splits the expert loop across graph
+fragments, so no graph holds a whole adapter site and nothing is fused.
+
+:func:`skip_branches_when_compiling` gives each module whose ``forward`` has such a loop a copy
+of that ``forward`` in which the test reads ``(self.training or not
+torch.compiler.is_compiling()) and not mask.any()``: run eagerly (or in training) it is the
+original code, branch included; traced by Dynamo in eval mode the branch is gone and the loop is
+one graph. That is exact only if the rest of the iteration (``rest``) does nothing when ``mask``
+selects nothing, which is proved from the source, for any weights and inputs, before the copy is
+installed:
+
+1. every statement of ``rest`` either binds a local name that nothing outside ``rest`` reads (a
+   temporary of the iteration), or writes only the positions ``mask`` selects
+   (``acc[mask] += v``, ``acc[mask] = v``): with no position selected, nothing is written;
+2. every expression of ``rest`` has no effect of its own: operators, attribute and item reads,
+   non-in-place torch functions and tensor methods (no ``*_`` method, no random op), and calls
+   of submodules whose own ``forward`` is such code (recursively; ``nn.Linear``, ``nn.Identity``,
+   ``nn.Dropout`` and activations are), without hooks.
+
+Anything else keeps the original ``forward`` (and its graph breaks), and the reason is logged
+and returned. Only :func:`adafuse_compile.compile` and :func:`adafuse_compile.explain` install
+these copies; plain ``torch.compile`` sees the model as written.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import logging
+import textwrap
+import types
+
+import torch
+from torch import nn
+
+log = logging.getLogger("adafuse_compile")
+
+__all__ = ["BranchReport", "skip_branches_when_compiling"]
+
+# Called as submodules from the rest of an iteration: no effect besides their output (Dropout
+# draws no random number for the empty rows of a skipped expert; in training the branch stays).
+_PURE_MODULES = (nn.Linear, nn.Identity, nn.Dropout, nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softmax)
+_RANDOM = {"dropout", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+           "multinomial", "normal", "poisson", "uniform", "exponential", "geometric", "cauchy", "log_normal"}
+_BUILTINS = {"len", "int", "float", "bool", "min", "max", "abs", "range", "tuple", "list", "isinstance"}
+# Prepended to the skip's test: the branch stays when running eagerly, in training, or when the
+# mask is not boolean (an all-zero integer index selects row 0, not nothing).
+_GUARD = "({self}.training or not torch.compiler.is_compiling() or {mask}.dtype != torch.bool)"
+_MAX_DEPTH = 4
+
+
+@dataclasses.dataclass
+class BranchReport:
+    """One module class whose ``forward`` skips empty experts: made branch-free when compiling, or why not."""
+
+    cls: str
+    installed: bool
+    reason: str
+    modules: int = 0  # instances given the branch-free forward
+
+
+def skip_branches_when_compiling(model: nn.Module) -> list[BranchReport]:
+    """Install the branch-free ``forward`` on every module of ``model`` whose class's forward skips
+    empty experts and is proved not to need the skip (module docstring). Idempotent."""
+    reports: dict[type, BranchReport] = {}
+    functions: dict[type, types.FunctionType | None] = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls not in functions:
+            functions[cls] = None
+            found = _analyse(cls, module)
+            if found is not None:
+                functions[cls], reports[cls] = found
+                log.info("adafuse: %s.forward skips empty experts: %s", cls.__qualname__, reports[cls].reason)
+        fn = functions[cls]
+        if fn is None and _same_forward(module, cls) and "forward" in module.__dict__:
+            del module.forward  # installed by an earlier call, no longer proved (a hook added since)
+        if fn is None or not _same_forward(module, cls):
+            continue
+        if module.__dict__.get("forward") is None:
+            module.forward = types.MethodType(fn, module)
+        reports[cls].modules += 1
+    return list(reports.values())
+
+
+def _same_forward(module: nn.Module, cls: type) -> bool:
+    """The instance runs its class's forward (nothing set on it, or our copy)."""
+    own = module.__dict__.get("forward")
+    return own is None or getattr(getattr(own, "__func__", None), "__adafuse_branch_free__", False)
+
+
+def _analyse(cls: type, module: nn.Module):
+    """``(branch-free function, report)`` if ``cls.forward`` has an empty-expert skip, else None."""
+    forward = getattr(cls, "forward", None)
+    if not isinstance(forward, types.FunctionType) or cls.__module__.startswith("torch."):
+        return None
+    try:
+        source = textwrap.dedent(inspect.getsource(forward))
+        filename = inspect.getsourcefile(forward) or "<unknown>"
+        _, first_line = inspect.getsourcelines(forward)
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(source)
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        return None
+    skips = [(loop, i, mask) for loop in ast.walk(fdef) if isinstance(loop, ast.For)
+             for i, stmt in enumerate(loop.body) if (mask := _empty_skip(stmt)) is not None]
+    if not skips:
+        return None
+    name = cls.__qualname__
+    why = _why_not(fdef, skips, forward, module)
+    if why is None and forward.__code__.co_freevars:
+        why = f"its forward reads closure variables {forward.__code__.co_freevars} (a copy cannot share them)"
+    if why is None and forward.__globals__.get("torch") is not torch:
+        why = "its module does not import torch as `torch` (the branch-free test reads torch.compiler)"
+    if why is not None:
+        return None, BranchReport(name, False, f"the skip stays: {why}")
+    this = fdef.args.args[0].arg
+    for loop, i, mask in skips:
+        stmt = loop.body[i]
+        guard = ast.parse(_GUARD.format(self=this, mask=mask), mode="eval").body
+        stmt.test = ast.BoolOp(op=ast.And(), values=[guard, stmt.test])
+    ast.fix_missing_locations(tree)
+    ast.increment_lineno(tree, first_line - 1)
+    namespace: dict = {}
+    exec(compile(tree, filename, "exec"), forward.__globals__, namespace)  # noqa: S102 - the class's own source
+    fn = namespace[fdef.name]
+    fn.__qualname__, fn.__defaults__, fn.__kwdefaults__ = forward.__qualname__, forward.__defaults__, forward.__kwdefaults__
+    fn.__adafuse_branch_free__ = True
+    return fn, BranchReport(name, True, "the skip of empty experts (`if not mask.any(): continue`) is taken only "
+                                        "eagerly (proved: the rest of the iteration writes only the rows the mask "
+                                        "selects)")
+
+
+def _empty_skip(stmt: ast.stmt) -> str | None:
+    """``mask`` for ``if not mask.any(): continue`` or ``if not torch.any(mask): continue``."""
+    if not (isinstance(stmt, ast.If) and not stmt.orelse and len(stmt.body) == 1
+            and isinstance(stmt.body[0], ast.Continue)):
+        return None
+    test = stmt.test
+    if not (isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and isinstance(test.operand, ast.Call)):
+        return None
+    call = test.operand
+    if call.keywords or not isinstance(call.func, ast.Attribute) or call.func.attr != "any":
+        return None
+    if not call.args and isinstance(call.func.value, ast.Name):
+        return call.func.value.id
+    if (len(call.args) == 1 and isinstance(call.args[0], ast.Name) and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == "torch"):
+        return call.args[0].id
+    return None
+
+
+def _why_not(fdef: ast.FunctionDef, skips, forward, module: nn.Module) -> str | None:
+    for loop, i, mask in skips:
+        rest = loop.body[i + 1:]
+        inside = {id(n) for stmt in rest for n in ast.walk(stmt)}
+        temporaries = set()
+        for stmt in rest:
+            target = _single_target(stmt)
+            if isinstance(target, ast.Name) and isinstance(stmt, ast.Assign):
+                temporaries.add(target.id)
+            elif isinstance(target, ast.Subscript) and isinstance(stmt, (ast.Assign, ast.AugAssign)):
+                if not (isinstance(target.slice, ast.Name) and target.slice.id == mask):
+                    return f"line {stmt.lineno}: a write indexed by something other than `{mask}`"
+                if not isinstance(target.value, ast.Name) or target.value.id == mask:
+                    return f"line {stmt.lineno}: a masked write into something other than a local tensor"
+            else:
+                return f"line {stmt.lineno}: a statement other than a temporary or a write into the rows `{mask}` selects"
+            why = _impure(stmt.value, forward.__globals__, module, 0)
+            if why is not None:
+                return f"line {stmt.lineno}: {why}"
+        if mask in temporaries:
+            return f"`{mask}` is reassigned after the skip"
+        for node in ast.walk(fdef):
+            if (isinstance(node, ast.Name) and node.id in temporaries and id(node) not in inside
+                    and isinstance(node.ctx, ast.Load)):
+                return f"`{node.id}`, computed after the skip, is read elsewhere (line {node.lineno})"
+    return None
+
+
+def _single_target(stmt: ast.stmt):
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+        return stmt.targets[0]
+    if isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, (ast.Add, ast.Sub)):
+        return stmt.target
+    return None
+
+
+_PURE_NODES = (ast.Name, ast.Constant, ast.Attribute, ast.Subscript, ast.BinOp, ast.UnaryOp, ast.Compare,
+               ast.BoolOp, ast.IfExp, ast.Tuple, ast.List, ast.Slice, ast.Starred, ast.keyword, ast.Load,
+               ast.operator, ast.unaryop, ast.cmpop, ast.boolop, ast.expr_context)
+
+
+def _impure(expr: ast.AST, globals_: dict, module: nn.Module, depth: int) -> str | None:
+    """Why evaluating ``expr`` (in a forward of ``module``) could have an effect, or None."""
+    for node in ast.walk(expr):
+        if isinstance(node, ast.Call):
+            why = _impure_call(node, globals_, module, depth)
+            if why is not None:
+                return why
+        elif not isinstance(node, _PURE_NODES):
+            return f"`{ast.unparse(node)}` ({type(node).__name__}) is not a plain expression"
+    return None
+
+
+def _impure_call(call: ast.Call, globals_: dict, module: nn.Module, depth: int) -> str | None:
+    func, text = call.func, ast.unparse(call.func)
+    submodules = _submodules(func, module)
+    if submodules is not None:  # self.experts[e](...), self.router(...)
+        for sub in submodules:
+            why = _impure_module(sub, depth + 1)
+            if why is not None:
+                return f"`{text}(...)`: {why}"
+        return None
+    if isinstance(func, ast.Name):
+        return None if func.id in _BUILTINS and func.id not in globals_ else f"`{text}(...)` may have effects"
+    if not isinstance(func, ast.Attribute):
+        return f"`{text}(...)` may have effects"
+    name = func.attr
+    if name.endswith("_") and not name.startswith("_"):
+        return f"`{text}(...)` writes in place"
+    if name in _RANDOM:
+        return f"`{text}(...)` draws random numbers"
+    if name.startswith("__"):
+        return f"`{text}(...)` may have effects"
+    owner = _self_attribute(func.value, module)
+    if owner is not _NOT_SELF and not isinstance(owner, torch.Tensor):
+        return f"`{text}(...)` calls a method of the module"
+    return None  # a torch function or a tensor method
+
+
+_NOT_SELF = object()
+
+
+def _self_attribute(node: ast.AST, module: nn.Module):
+    """The value of ``self.a.b`` on ``module``, or ``_NOT_SELF`` if ``node`` is not rooted at ``self``."""
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.append(node.attr)
+        node = node.value
+    if not (isinstance(node, ast.Name) and node.id == "self"):
+        return _NOT_SELF
+    value = module
+    for attr in reversed(path):
+        value = getattr(value, attr, None)
+    return value
+
+
+def _submodules(func: ast.AST, module: nn.Module) -> list[nn.Module] | None:
+    """The submodules ``func`` (``self.a``, ``self.a.b``, ``self.a[i]``) may be, or None if it is none."""
+    path, indexed = [], False
+    node = func
+    if isinstance(node, ast.Subscript):
+        indexed, node = True, node.value
+    while isinstance(node, ast.Attribute):
+        path.append(node.attr)
+        node = node.value
+    if not (isinstance(node, ast.Name) and node.id == "self" and path):
+        return None
+    target = module
+    for attr in reversed(path):
+        target = getattr(target, attr, None)
+    if not isinstance(target, nn.Module):
+        return None
+    if indexed:
+        return list(target.children()) if isinstance(target, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) else None
+    return [target]
+
+
+def _impure_module(module: nn.Module, depth: int) -> str | None:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{type(module).__name__} has forward hooks"
+    if type(module) in _PURE_MODULES:
+        return None
+    if depth > _MAX_DEPTH:
+        return f"{type(module).__name__} is nested too deep to check"
+    forward = type(module).forward
+    try:
+        fdef = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    except (OSError, TypeError, SyntaxError):
+        return f"the source of {type(module).__name__}.forward is not available"
+    for stmt in fdef.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets) or isinstance(
+                stmt, ast.Return) and stmt.value is not None:
+            why = _impure(stmt.value, forward.__globals__, module, depth)
+            if why is not None:
+                return f"{type(module).__name__}.forward: {why}"
+            continue
+        return f"{type(module).__name__}.forward has a statement other than local assignments and a return"
+    return None
