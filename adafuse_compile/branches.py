@@ -56,7 +56,13 @@ __all__ = ["BranchReport", "skip_branches_when_compiling"]
 _PURE_MODULES = (nn.Linear, nn.Identity, nn.Dropout, nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softmax)
 _RANDOM = {"dropout", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
            "multinomial", "normal", "poisson", "uniform", "exponential", "geometric", "cauchy", "log_normal"}
-_BUILTINS = {"len", "int", "float", "bool", "min", "max", "abs", "range", "tuple", "list", "isinstance"}
+# Reductions that raise on an empty tensor: the skip would have avoided the error.
+_RAISES_ON_EMPTY = {"max", "min", "amax", "amin", "argmax", "argmin", "item", "kthvalue", "median", "nanmedian",
+                    "mode", "topk", "tolist"}
+_BUILTINS = {"len", "int", "float", "bool", "abs", "range", "tuple", "list", "isinstance"}
+# Method names a module shares with tensors (``.to()``, ``.float()``, ``.forward()``...): on a
+# receiver that may be a module they can change it, or run its code unchecked.
+_MODULE_METHODS = frozenset(name for name in dir(nn.Module) if not name.startswith("__"))
 # Prepended to the skip's test: the branch stays when running eagerly, in training, or when the
 # mask is not boolean (an all-zero integer index selects row 0, not nothing).
 _GUARD = "({self}.training or not torch.compiler.is_compiling() or {mask}.dtype != torch.bool)"
@@ -237,15 +243,36 @@ def _impure_call(call: ast.Call, globals_: dict, module: nn.Module, depth: int) 
         return f"`{text}(...)` writes in place"
     if name in _RANDOM:
         return f"`{text}(...)` draws random numbers"
+    if name in _RAISES_ON_EMPTY:
+        return f"`{text}(...)` raises on the empty rows of a skipped expert"
     if name.startswith("__"):
         return f"`{text}(...)` may have effects"
+    namespace = _global_module(func.value, globals_)
+    if namespace is not None:  # torch.cat(...), F.linear(...), torch.nn.functional.silu(...)
+        return None if namespace.__name__.split(".")[0] == "torch" else f"`{text}(...)` is not a torch function"
     owner = _self_attribute(func.value, module)
-    if owner is not _NOT_SELF and not isinstance(owner, torch.Tensor):
-        return f"`{text}(...)` calls a method of the module"
-    return None  # a torch function or a tensor method
+    if owner is not _NOT_SELF:
+        return None if isinstance(owner, torch.Tensor) else f"`{text}(...)` calls a method of the module"
+    if not hasattr(torch.Tensor, name) or name in _MODULE_METHODS:
+        return f"`{text}(...)` is not a tensor method, or is also a module's"
+    return None  # a tensor method
 
 
 _NOT_SELF = object()
+
+
+def _global_module(node: ast.AST, globals_: dict) -> types.ModuleType | None:
+    """The Python module ``node`` (``torch``, ``F``, ``torch.nn.functional``) names, or None."""
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    value = globals_.get(node.id)
+    for attr in reversed(path):
+        value = getattr(value, attr, None)
+    return value if isinstance(value, types.ModuleType) else None
 
 
 def _self_attribute(node: ast.AST, module: nn.Module):
@@ -284,8 +311,13 @@ def _submodules(func: ast.AST, module: nn.Module) -> list[nn.Module] | None:
 
 
 def _impure_module(module: nn.Module, depth: int) -> str | None:
-    if module._forward_hooks or module._forward_pre_hooks:
+    from torch.nn.modules import module as module_globals
+
+    if module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks or \
+            module_globals._global_forward_pre_hooks:
         return f"{type(module).__name__} has forward hooks"
+    if type(module).__call__ is not nn.Module.__call__ or type(module)._call_impl is not nn.Module._call_impl:
+        return f"{type(module).__name__} overrides how it is called"
     if type(module) in _PURE_MODULES:
         return None
     if depth > _MAX_DEPTH:

@@ -162,6 +162,40 @@ class MutatesModule(Skipping):
         return out + delta.reshape(out.shape)
 
 
+class CallsForward(Skipping):
+    """The expert called through a local and ``.forward``: its code is not checked, so not trusted."""
+
+    expert_class = Counting
+
+    def forward(self, x):
+        out = self.base(x)
+        t = x.reshape(-1, IN)
+        w, idx = self.route(t)
+        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        experts = self.experts
+        for e in range(E):
+            mask = idx[:, 0] == e
+            if not mask.any():
+                continue
+            delta[mask] += experts[e].forward(t[mask])
+        return out + delta.reshape(out.shape)
+
+
+class RaisesWhenEmpty(Skipping):
+    def forward(self, x):
+        out = self.base(x)
+        t = x.reshape(-1, IN)
+        w, idx = self.route(t)
+        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        for e in range(E):
+            mask = idx[:, 0] == e
+            if not mask.any():
+                continue
+            d = self.experts[e](t[mask])
+            delta[mask] += d / d.abs().max()
+        return out + delta.reshape(out.shape)
+
+
 class CountingExperts(Skipping):
     expert_class = Counting
 
@@ -213,6 +247,8 @@ def test_proved_skip_compiles_to_one_graph_with_the_site_fused(cls):
     (Random, "draws random numbers"),
     (MutatesModule, "a statement other than"),
     (CountingExperts, "Counting.forward has a statement other than"),
+    (CallsForward, "is not a tensor method, or is also a module's"),
+    (RaisesWhenEmpty, "raises on the empty rows"),
 ])
 def test_unproved_skip_stays_with_its_reason(cls, why):
     model, eager, report, compiled = _run(cls, X)
