@@ -3,8 +3,10 @@
     python benchmarks/bench_real_speed.py [--rounds 5] [--reps 10] [--batch 1]
 
 Models (random weights, fp32, hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 4000):
-MoE-PEFT 2.0.2 MixLoRA (E=4, top-2, r=4, on the MLP) through its own Llama, and PEFT X-LoRA
-(3 LoRA adapters r=8 on all seven projections, dense scalings from its classifier). The step is
+MoE-PEFT 2.0.2 MixLoRA (E=4, top-2, r=4, on the MLP) through its own Llama, PEFT X-LoRA
+(3 LoRA adapters r=8 on all seven projections, dense scalings from its classifier), and
+eulerforge 0.1.0 ``MixtureLoRALinear`` (E=4, top-2, r=4, on the MLP of a transformers Llama;
+its expert loop skips empty experts, which breaks plain ``torch.compile``'s graph). The step is
 ``model(input_ids [batch, 1])`` without KV cache under ``torch.no_grad()``; "inductor" is
 ``torch.compile(model)`` as a user writes it, "adafuse" is ``adafuse_compile.compile(model)``
 (Inductor inside). Configurations run round-robin in one process; each reports the median over
@@ -30,11 +32,21 @@ import real_packages as R  # noqa: E402
 SIZE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, vocab_size=4000)
 
 
-def _moe_peft_mixlora(batch: int):
+def _sized(batch: int) -> None:
     R.HIDDEN, R.INTERMEDIATE, R.LAYERS, R.HEADS, R.VOCAB = (SIZE[k] for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
     R.BATCH, R.SEQ = batch, 1
+
+
+def _moe_peft_mixlora(batch: int):
+    _sized(batch)
     built = R.moe_peft_model("mixlora")
+    return built.model, built.inputs
+
+
+def _eulerforge(batch: int):
+    _sized(batch)
+    built = R.eulerforge_model()
     return built.model, built.inputs
 
 
@@ -56,7 +68,8 @@ def main(argv=None) -> None:
     print("| real code | eager ms | inductor ms | adafuse ms | adafuse / inductor | adafuse / eager | compile s "
           "(inductor, adafuse) |")
     print("|---|---|---|---|---|---|---|")
-    for name, build in (("MoE-PEFT MixLoRA", _moe_peft_mixlora), ("PEFT X-LoRA", _xlora)):
+    for name, build in (("MoE-PEFT MixLoRA", _moe_peft_mixlora), ("PEFT X-LoRA", _xlora),
+                        ("eulerforge MixtureLoRALinear", _eulerforge)):
         model, inputs = build(args.batch)
         torch._dynamo.reset()
         with torch.no_grad():
