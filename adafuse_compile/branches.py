@@ -81,36 +81,59 @@ class BranchReport:
 
 def skip_branches_when_compiling(model: nn.Module) -> list[BranchReport]:
     """Install the branch-free ``forward`` on every module of ``model`` whose class's forward skips
-    empty experts and is proved not to need the skip (module docstring). Idempotent."""
+    empty experts and is proved not to need the skip (module docstring), per instance (what a
+    forward calls, ``self.experts[e]``, is the instance's own). Idempotent: a copy installed
+    earlier and no longer proved (a hook added since) is removed."""
     reports: dict[type, BranchReport] = {}
-    functions: dict[type, types.FunctionType | None] = {}
+    parsed: dict[type, _Parsed | None] = {}
     for module in model.modules():
         cls = type(module)
-        if cls not in functions:
-            functions[cls] = None
-            found = _analyse(cls, module)
-            if found is not None:
-                functions[cls], reports[cls] = found
-                log.info("adafuse: %s.forward skips empty experts: %s", cls.__qualname__, reports[cls].reason)
-        fn = functions[cls]
-        if fn is None and _same_forward(module, cls) and "forward" in module.__dict__:
-            del module.forward  # installed by an earlier call, no longer proved (a hook added since)
-        if fn is None or not _same_forward(module, cls):
+        if cls not in parsed:
+            parsed[cls] = _parse(cls)
+            if parsed[cls] is not None:
+                reports[cls] = BranchReport(cls.__qualname__, False, "")
+        found = parsed[cls]
+        if found is None or not _same_forward(module):
             continue
-        if module.__dict__.get("forward") is None:
-            module.forward = types.MethodType(fn, module)
-        reports[cls].modules += 1
+        why = found.why_not or _why_not(found, module)
+        report = reports[cls]
+        if why is not None:
+            if "forward" in module.__dict__:
+                del module.forward
+            if not report.installed:
+                report.reason = f"the skip stays: {why}"
+            continue
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(found.branch_free, module)
+        report.installed, report.modules = True, report.modules + 1
+        report.reason = ("the skip of empty experts (`if not mask.any(): continue`) is taken only eagerly (proved: "
+                         "the rest of the iteration writes only the rows the mask selects)")
+    for report in reports.values():
+        log.info("adafuse: %s.forward skips empty experts: %s", report.cls,
+                 f"branch-free when compiling ({report.modules} module(s)): {report.reason}" if report.installed
+                 else report.reason)
     return list(reports.values())
 
 
-def _same_forward(module: nn.Module, cls: type) -> bool:
+def _same_forward(module: nn.Module) -> bool:
     """The instance runs its class's forward (nothing set on it, or our copy)."""
     own = module.__dict__.get("forward")
     return own is None or getattr(getattr(own, "__func__", None), "__adafuse_branch_free__", False)
 
 
-def _analyse(cls: type, module: nn.Module):
-    """``(branch-free function, report)`` if ``cls.forward`` has an empty-expert skip, else None."""
+@dataclasses.dataclass
+class _Parsed:
+    """A class's forward with empty-expert skips: its syntax tree, the skips, the branch-free copy."""
+
+    forward: types.FunctionType
+    fdef: ast.FunctionDef
+    skips: list  # (the loop, the index of the skip in its body, the mask's name)
+    first_line: int  # the forward's first line in its file
+    branch_free: types.FunctionType | None
+    why_not: str | None  # what no instance can have proved (closures, no `torch` global)
+
+
+def _parse(cls: type) -> _Parsed | None:
     forward = getattr(cls, "forward", None)
     if not isinstance(forward, types.FunctionType) or cls.__module__.startswith("torch."):
         return None
@@ -120,27 +143,28 @@ def _analyse(cls: type, module: nn.Module):
         _, first_line = inspect.getsourcelines(forward)
     except (OSError, TypeError):
         return None
-    tree = ast.parse(source)
-    fdef = tree.body[0]
+    fdef = ast.parse(source).body[0]
     if not isinstance(fdef, ast.FunctionDef):
         return None
     skips = [(loop, i, mask) for loop in ast.walk(fdef) if isinstance(loop, ast.For)
              for i, stmt in enumerate(loop.body) if (mask := _empty_skip(stmt)) is not None]
     if not skips:
         return None
-    name = cls.__qualname__
-    why = _why_not(fdef, skips, forward, module)
-    if why is None and forward.__code__.co_freevars:
+    if forward.__code__.co_freevars:
         why = f"its forward reads closure variables {forward.__code__.co_freevars} (a copy cannot share them)"
-    if why is None and forward.__globals__.get("torch") is not torch:
+        return _Parsed(forward, fdef, skips, first_line, None, why)
+    if forward.__globals__.get("torch") is not torch:
         why = "its module does not import torch as `torch` (the branch-free test reads torch.compiler)"
-    if why is not None:
-        return None, BranchReport(name, False, f"the skip stays: {why}")
+        return _Parsed(forward, fdef, skips, first_line, None, why)
+    tree = ast.parse(source)  # a second tree to edit: the first stays as written, for the checks
+    loops = [loop for loop in ast.walk(tree.body[0]) if isinstance(loop, ast.For)]
     this = fdef.args.args[0].arg
-    for loop, i, mask in skips:
-        stmt = loop.body[i]
-        guard = ast.parse(_GUARD.format(self=this, mask=mask), mode="eval").body
-        stmt.test = ast.BoolOp(op=ast.And(), values=[guard, stmt.test])
+    for loop in loops:
+        for stmt in loop.body:
+            mask = _empty_skip(stmt)
+            if mask is not None:
+                guard = ast.parse(_GUARD.format(self=this, mask=mask), mode="eval").body
+                stmt.test = ast.BoolOp(op=ast.And(), values=[guard, stmt.test])
     ast.fix_missing_locations(tree)
     ast.increment_lineno(tree, first_line - 1)
     namespace: dict = {}
@@ -148,9 +172,7 @@ def _analyse(cls: type, module: nn.Module):
     fn = namespace[fdef.name]
     fn.__qualname__, fn.__defaults__, fn.__kwdefaults__ = forward.__qualname__, forward.__defaults__, forward.__kwdefaults__
     fn.__adafuse_branch_free__ = True
-    return fn, BranchReport(name, True, "the skip of empty experts (`if not mask.any(): continue`) is taken only "
-                                        "eagerly (proved: the rest of the iteration writes only the rows the mask "
-                                        "selects)")
+    return _Parsed(forward, fdef, skips, first_line, fn, None)
 
 
 def _empty_skip(stmt: ast.stmt) -> str | None:
@@ -172,8 +194,14 @@ def _empty_skip(stmt: ast.stmt) -> str | None:
     return None
 
 
-def _why_not(fdef: ast.FunctionDef, skips, forward, module: nn.Module) -> str | None:
-    for loop, i, mask in skips:
+def _why_not(parsed: _Parsed, module: nn.Module) -> str | None:
+    """Why the rest of some skip's iteration could do something for an empty mask, on ``module``."""
+    fdef, forward = parsed.fdef, parsed.forward
+
+    def line(node: ast.AST) -> int:
+        return node.lineno + parsed.first_line - 1
+
+    for loop, i, mask in parsed.skips:
         rest = loop.body[i + 1:]
         inside = {id(n) for stmt in rest for n in ast.walk(stmt)}
         temporaries = set()
@@ -183,20 +211,20 @@ def _why_not(fdef: ast.FunctionDef, skips, forward, module: nn.Module) -> str | 
                 temporaries.add(target.id)
             elif isinstance(target, ast.Subscript) and isinstance(stmt, (ast.Assign, ast.AugAssign)):
                 if not (isinstance(target.slice, ast.Name) and target.slice.id == mask):
-                    return f"line {stmt.lineno}: a write indexed by something other than `{mask}`"
+                    return f"line {line(stmt)}: a write indexed by something other than `{mask}`"
                 if not isinstance(target.value, ast.Name) or target.value.id == mask:
-                    return f"line {stmt.lineno}: a masked write into something other than a local tensor"
+                    return f"line {line(stmt)}: a masked write into something other than a local tensor"
             else:
-                return f"line {stmt.lineno}: a statement other than a temporary or a write into the rows `{mask}` selects"
+                return f"line {line(stmt)}: a statement other than a temporary or a write into the rows `{mask}` selects"
             why = _impure(stmt.value, forward.__globals__, module, 0)
             if why is not None:
-                return f"line {stmt.lineno}: {why}"
+                return f"line {line(stmt)}: {why}"
         if mask in temporaries:
             return f"`{mask}` is reassigned after the skip"
         for node in ast.walk(fdef):
             if (isinstance(node, ast.Name) and node.id in temporaries and id(node) not in inside
                     and isinstance(node.ctx, ast.Load)):
-                return f"`{node.id}`, computed after the skip, is read elsewhere (line {node.lineno})"
+                return f"`{node.id}`, computed after the skip, is read elsewhere (line {line(node)})"
     return None
 
 

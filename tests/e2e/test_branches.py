@@ -288,3 +288,19 @@ def test_installed_copy_keeps_the_skip_eagerly_and_in_training():
         report = adafuse_compile.explain(model, x)
     torch._dynamo.reset()
     assert report.graph_breaks > 0, str(report)  # in training the branch stays when compiling too
+
+
+def test_each_instance_is_proved_with_its_own_experts():
+    """Two modules of one class: the one whose expert has a hook keeps its skip, the other does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Skipping(), Skipping()).eval()
+    model[1].experts[2].register_forward_hook(lambda m, args, out: None)
+    (report,) = skip_branches_when_compiling(model)
+    assert report.installed and report.modules == 1
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    x = torch.randn(1, 3, IN)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = adafuse_compile.compile(model, inner="eager")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
