@@ -293,7 +293,11 @@ def test_installed_copy_keeps_the_skip_eagerly_and_in_training():
 def test_each_instance_is_proved_with_its_own_experts():
     """Two modules of one class: the one whose expert has a hook keeps its skip, the other does not."""
     torch.manual_seed(0)
-    model = nn.Sequential(Skipping(), Skipping()).eval()
+    class Two(nn.ModuleList):
+        def forward(self, x):
+            return self[0](x) + self[1](x)
+
+    model = Two([Skipping(), Skipping()]).eval()
     model[1].experts[2].register_forward_hook(lambda m, args, out: None)
     (report,) = skip_branches_when_compiling(model)
     assert report.installed and report.modules == 1
