@@ -31,6 +31,7 @@ class ExplainReport:
     groups: list[GroupReport] = dataclasses.field(default_factory=list)  # sites sharing one pre-gate decision
     hoisted_routers: list[HoistedGroup] = dataclasses.field(default_factory=list)  # routers batched into one matmul
     branches: list[BranchReport] = dataclasses.field(default_factory=list)  # expert loops skipping empty experts
+    split: list[SiteReport] = dataclasses.field(default_factory=list)  # adapter modules a graph break splits
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.sites)
@@ -60,6 +61,8 @@ class ExplainReport:
         for grp in self.groups:
             lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
                          f"cost model: {grp.estimate}")
+        for sp in self.split:
+            lines.append(f"left, split by a graph break: {sp.path}: {sp.reason}")
         for b in self.branches:
             lines.append(f"{b.cls}: " + (f"branch-free when compiling ({b.modules} module(s)): " if b.installed else "")
                          + b.reason)
@@ -98,7 +101,12 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
     rewrites: list[Rewrite] = []
 
+    ended_by_breaks = []  # why each captured graph ended where a break split the frame
+
     def collect(gm, example_inputs):
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is not None and reason.graph_break:
+            ended_by_breaks.append(reason)
         rewrites.append(rewrite(gm, example_inputs, opts))
         return gm.forward  # run the captured graph as it was
 
@@ -120,6 +128,45 @@ def explain(model: torch.nn.Module, *args, options=None, plain_torch_compile: bo
     report = ExplainReport([s for rw in rewrites for s in rw.sites], len(rewrites), sum(breaks.values()),
                            sorted(breaks), [g for rw in rewrites for g in rw.groups],
                            [h for rw in rewrites for h in rw.hoisted], branches)
+    found = {s.path for s in report.sites}
+    report.split = [s for s in _split_adapters(model, ended_by_breaks) if s.path not in found]
     for s in report.sites:
         log.info("adafuse explain: %s %s: %s", s.path, s.status, s.reason)
     return report
+
+
+def _split_adapters(model: torch.nn.Module, reasons) -> list[SiteReport]:
+    """Adapter-like modules (a direct ``nn.Linear`` child and parameters besides it) whose own
+    ``forward`` is where a graph break split a frame: the code after the break ran eagerly, so
+    the site was never one graph. The break's innermost frame inside some module's forward names
+    the module (every instance of its class: they all run that code)."""
+    forwards: dict = {}
+    for path, module in model.named_modules():
+        code = getattr(getattr(type(module), "forward", None), "__code__", None)
+        if code is not None:
+            forwards.setdefault(code, []).append((path, module))
+    spans = {code: (code.co_firstlineno, max((line for _, _, line in code.co_lines() if line), default=0))
+             for code in forwards}
+    split: dict[str, SiteReport] = {}
+    for reason in reasons:
+        for frame in reversed(reason.user_stack):  # innermost first
+            code = next((c for c, (lo, hi) in spans.items()
+                         if c.co_filename == frame.filename and lo <= (frame.lineno or 0) <= hi), None)
+            if code is None:
+                continue
+            why = reason.reason.strip().splitlines()[0]
+            for path, module in forwards[code]:
+                if _adapter_like(module) and path not in split:
+                    split[path] = SiteReport(path or "<root>", "left", (
+                        f"a graph break in its forward ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}: {why}): "
+                        "the code after it runs eagerly, so the adapter is never one graph to rewrite"))
+            break
+    return list(split.values())
+
+
+def _adapter_like(module: torch.nn.Module) -> bool:
+    linears = [c for c in module.children() if type(c) is torch.nn.Linear]
+    if not linears:
+        return False
+    inside = {id(p) for lin in linears[:1] for p in lin.parameters()}
+    return any(id(p) not in inside for p in module.parameters())

@@ -331,12 +331,13 @@ def test_explain_reports_a_skipped_frame():
     assert report.graph_breaks >= 1 or report.break_reasons
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "gap: explain lists only the sites found in captured graphs; an adapter split by a graph "
-    "break is not named as left"))
 def test_explain_names_the_site_split_by_a_graph_break():
+    """The adapter whose forward breaks (``.item()``) is named, with the break; the clean one is
+    not, and neither is the model around them (no linear of its own)."""
     report = _explain(CleanThenBreaking(["item"]).eval(), torch.randn(2, 3, 48))
-    assert ("item", "left") in [(s.path, s.status) for s in report.sites]
+    assert [(s.path, s.status) for s in report.split] == [("item", "left")], str(report)
+    assert "item()" in report.split[0].reason and "test_hard_inputs.py:272" in report.split[0].reason
+    assert "left, split by a graph break: item" in str(report)
 
 
 # ------------------------------------------------------------------------------ weight loading
