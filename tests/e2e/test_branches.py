@@ -50,15 +50,14 @@ class Skipping(nn.Module):
         self.router = nn.Linear(IN, E, bias=False)
         self.experts = nn.ModuleList(self.expert_class() for _ in range(E))
 
-    def route(self, t):
+    def start(self, x):
+        """The base output, the tokens, the top-k decision and a zero accumulator."""
+        t = x.reshape(-1, IN)
         w, idx = torch.topk(F.softmax(self.router(t), dim=-1), K, dim=-1)
-        return w / w.sum(dim=-1, keepdim=True), idx
+        return self.base(x), t, w / w.sum(dim=-1, keepdim=True), idx, torch.zeros(t.shape[0], OUT, dtype=x.dtype)
 
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for k in range(K):
             idx_k, w_k = idx[:, k], w[:, k].unsqueeze(-1)
             for e in range(E):
@@ -72,10 +71,7 @@ class Skipping(nn.Module):
 
 class TorchAny(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for k in range(K):
             for e in range(E):
                 mask = idx[:, k] == e
@@ -87,10 +83,7 @@ class TorchAny(Skipping):
 
 class WritesOtherRows(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         rows = torch.arange(t.shape[0])
         for e in range(E):
             mask = idx[:, 0] == e
@@ -103,10 +96,7 @@ class WritesOtherRows(Skipping):
 
 class ReadsTemporaryLater(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         d = torch.zeros(1, OUT)
         for e in range(E):
             mask = idx[:, 0] == e
@@ -119,10 +109,7 @@ class ReadsTemporaryLater(Skipping):
 
 class InPlace(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for e in range(E):
             mask = idx[:, 0] == e
             if not mask.any():
@@ -134,10 +121,7 @@ class InPlace(Skipping):
 
 class Random(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for e in range(E):
             mask = idx[:, 0] == e
             if not mask.any():
@@ -148,10 +132,7 @@ class Random(Skipping):
 
 class MutatesModule(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         self.used = 0
         for e in range(E):
             mask = idx[:, 0] == e
@@ -168,10 +149,7 @@ class CallsForward(Skipping):
     expert_class = Counting
 
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         experts = self.experts
         for e in range(E):
             mask = idx[:, 0] == e
@@ -183,10 +161,7 @@ class CallsForward(Skipping):
 
 class RaisesWhenEmpty(Skipping):
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for e in range(E):
             mask = idx[:, 0] == e
             if not mask.any():
@@ -204,10 +179,7 @@ class IntegerMask(Skipping):
     """The skip tests an integer tensor: an all-zero one indexes row 0 (twice), it does not select nothing."""
 
     def forward(self, x):
-        out = self.base(x)
-        t = x.reshape(-1, IN)
-        w, idx = self.route(t)
-        delta = torch.zeros(t.shape[0], OUT, dtype=x.dtype)
+        out, t, w, idx, delta = self.start(x)
         for e in range(E):
             mask = (idx[:, 0] == e).long()
             if not mask.any():
