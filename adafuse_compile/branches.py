@@ -16,22 +16,26 @@ fragments, so no graph holds a whole adapter site and nothing is fused.
 
 :func:`skip_branches_when_compiling` gives each module whose ``forward`` has such a loop a copy
 of that ``forward`` in which the test reads ``(self.training or not
-torch.compiler.is_compiling()) and not mask.any()``: run eagerly (or in training) it is the
-original code, branch included; traced by Dynamo in eval mode the branch is gone and the loop is
-one graph. That is exact only if the rest of the iteration (``rest``) does nothing when ``mask``
-selects nothing, which is proved from the source, for any weights and inputs, before the copy is
+torch.compiler.is_compiling() or mask.dtype != torch.bool) and not mask.any()``: run eagerly, in
+training, or with a mask that is not boolean (an all-zero integer index selects row 0, not
+nothing) it is the original code, branch included; traced by Dynamo in eval mode the branch is
+gone and the loop is one graph. That is exact only if the rest of the iteration (``rest``) does
+nothing when ``mask`` selects nothing, which is proved from the source, for any weights and
+inputs, per module instance (what ``rest`` calls is the instance's own) before its copy is
 installed:
 
 1. every statement of ``rest`` either binds a local name that nothing outside ``rest`` reads (a
    temporary of the iteration), or writes only the positions ``mask`` selects
    (``acc[mask] += v``, ``acc[mask] = v``): with no position selected, nothing is written;
-2. every expression of ``rest`` has no effect of its own: operators, attribute and item reads,
-   non-in-place torch functions and tensor methods (no ``*_`` method, no random op), and calls
-   of submodules whose own ``forward`` is such code (recursively; ``nn.Linear``, ``nn.Identity``,
-   ``nn.Dropout`` and activations are), without hooks.
+2. every expression of ``rest`` has no effect of its own and cannot fail on empty rows:
+   operators, attribute and item reads, torch functions and tensor methods that are not in place
+   (``*_``), not random and not reductions that raise on an empty tensor (``max``, ``item``...);
+   a method name a module also has (``.to()``, ``.forward()``) only on a tensor of ``self``; and
+   calls of submodules whose own ``forward`` is such code (recursively; ``nn.Linear``,
+   ``nn.Identity``, ``nn.Dropout`` and activations are), without hooks.
 
 Anything else keeps the original ``forward`` (and its graph breaks), and the reason is logged
-and returned. Only :func:`adafuse_compile.compile` and :func:`adafuse_compile.explain` install
+and returned. Hooks added after a model was compiled are not seen (as Dynamo does not see them). Only :func:`adafuse_compile.compile` and :func:`adafuse_compile.explain` install
 these copies; plain ``torch.compile`` sees the model as written.
 """
 
