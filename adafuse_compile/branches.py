@@ -282,59 +282,43 @@ def _impure_call(call: ast.Call, globals_: dict, module: nn.Module, depth: int) 
     namespace = _global_module(func.value, globals_)
     if namespace is not None:  # torch.cat(...), F.linear(...), torch.nn.functional.silu(...)
         return None if namespace.__name__.split(".")[0] == "torch" else f"`{text}(...)` is not a torch function"
-    owner = _self_attribute(func.value, module)
-    if owner is not _NOT_SELF:
+    owner = _dotted_value(func.value, {"self": module})
+    if owner is not _UNRESOLVED:
         return None if isinstance(owner, torch.Tensor) else f"`{text}(...)` calls a method of the module"
     if not hasattr(torch.Tensor, name) or name in _MODULE_METHODS:
         return f"`{text}(...)` is not a tensor method, or is also a module's"
     return None  # a tensor method
 
 
-_NOT_SELF = object()
+_UNRESOLVED = object()
 
 
-def _global_module(node: ast.AST, globals_: dict) -> types.ModuleType | None:
-    """The Python module ``node`` (``torch``, ``F``, ``torch.nn.functional``) names, or None."""
+def _dotted_value(node: ast.AST, roots: dict):
+    """The value of the dotted name ``node`` (``a``, ``a.b.c``) whose root ``a`` is a key of
+    ``roots``, or ``_UNRESOLVED`` where ``node`` is no such name."""
     path = []
     while isinstance(node, ast.Attribute):
         path.append(node.attr)
         node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    value = globals_.get(node.id)
-    for attr in reversed(path):
-        value = getattr(value, attr, None)
-    return value if isinstance(value, types.ModuleType) else None
-
-
-def _self_attribute(node: ast.AST, module: nn.Module):
-    """The value of ``self.a.b`` on ``module``, or ``_NOT_SELF`` if ``node`` is not rooted at ``self``."""
-    path = []
-    while isinstance(node, ast.Attribute):
-        path.append(node.attr)
-        node = node.value
-    if not (isinstance(node, ast.Name) and node.id == "self"):
-        return _NOT_SELF
-    value = module
+    if not (isinstance(node, ast.Name) and node.id in roots):
+        return _UNRESOLVED
+    value = roots[node.id]
     for attr in reversed(path):
         value = getattr(value, attr, None)
     return value
 
 
+def _global_module(node: ast.AST, globals_: dict) -> types.ModuleType | None:
+    """The Python module ``node`` (``torch``, ``F``, ``torch.nn.functional``) names, or None."""
+    value = _dotted_value(node, globals_)
+    return value if isinstance(value, types.ModuleType) else None
+
+
 def _submodules(func: ast.AST, module: nn.Module) -> list[nn.Module] | None:
     """The submodules ``func`` (``self.a``, ``self.a.b``, ``self.a[i]``) may be, or None if it is none."""
-    path, indexed = [], False
-    node = func
-    if isinstance(node, ast.Subscript):
-        indexed, node = True, node.value
-    while isinstance(node, ast.Attribute):
-        path.append(node.attr)
-        node = node.value
-    if not (isinstance(node, ast.Name) and node.id == "self" and path):
-        return None
-    target = module
-    for attr in reversed(path):
-        target = getattr(target, attr, None)
+    indexed = isinstance(func, ast.Subscript)
+    node = func.value if indexed else func
+    target = _dotted_value(node, {"self": module}) if isinstance(node, ast.Attribute) else _UNRESOLVED
     if not isinstance(target, nn.Module):
         return None
     if indexed:

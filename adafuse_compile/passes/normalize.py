@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .graph_ops import empty_linear_output
 from .manager import GraphPass
-from .sites import is_inplace, is_linear, node_value_meta
+from .sites import is_inplace, is_linear, is_write, node_value_meta
 
 __all__ = ["MaskedAccumulatePass", "NormalizeLinearsPass", "SliceLinearRowsPass"]
 
@@ -220,7 +220,7 @@ def _no_write_between(read: fx.Node, added: fx.Node, store: fx.Node) -> bool:
     rows written back, holding what they held)."""
     node = read.next
     while node is not store:
-        if node is not added and (is_inplace(node) or (node.op == "call_function" and node.target is operator.setitem)):
+        if node is not added and is_write(node):
             return False
         node = node.next
     return True

@@ -38,7 +38,7 @@ import torch.fx as fx
 from .fuse_mole import SITE_META
 from .graph_ops import fused_site, is_call, routed_site
 from .manager import GraphPass
-from .sites import is_inplace, is_linear, node_value_meta
+from .sites import is_linear, is_write, node_value_meta
 
 log = logging.getLogger("adafuse_compile")
 
@@ -231,7 +231,7 @@ class RouteIntoSitesPass(GraphPass):
         start = match.nodes[-1]  # the router's linear
         n = start.next
         while n is not site:
-            if n not in match.nodes and (is_inplace(n) or n.target is operator.setitem or n.op == "call_module"):
+            if n not in match.nodes and (is_write(n) or n.op == "call_module"):
                 return True
             n = n.next
         return False

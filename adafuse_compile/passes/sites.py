@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["REWRITTEN_META", "VIEW_OPS", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "needs_gradients",
-           "node_value_meta", "parameter_values", "size_values", "writers"]
+__all__ = ["REWRITTEN_META", "VIEW_OPS", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "is_write", "needs_gradients",
+           "node_value_meta", "op_name", "parameter_values", "size_values", "writers"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 # node.meta key of the nodes a pass already rewrote into a batched form (the module path): they
@@ -163,7 +163,7 @@ def writers(node: fx.Node) -> list[fx.Node]:
             continue
         seen.add(n)
         for u in n.users:
-            if u.args and u.args[0] is n and (is_inplace(u) or u.target is operator.setitem):
+            if u.args and u.args[0] is n and is_write(u):
                 found.append(u)
             elif getattr(u.target, "__name__", u.target) in VIEW_OPS:
                 stack.append(u)
@@ -206,6 +206,13 @@ def module_path(node: fx.Node) -> str:
     return ".".join(parts)
 
 
+def op_name(node: fx.Node) -> str:
+    """The bare name of what ``node`` calls (``add_`` for ``x.add_``, ``iadd`` for ``+=``)."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", str(node.target))
+
+
 _INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow)
 
 
@@ -217,6 +224,11 @@ def is_inplace(node: fx.Node) -> bool:
         name = getattr(node.target, "__name__", "")
         return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
     return False
+
+
+def is_write(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument: an in-place op or ``x[i] = v``."""
+    return is_inplace(node) or (node.op == "call_function" and node.target is operator.setitem)
 
 
 def _why_not_a_leaf(node: fx.Node) -> str:
@@ -408,15 +420,11 @@ def _wrapper_subclass(value: torch.Tensor) -> str | None:
     return type(value).__name__ if is_traceable_wrapper_subclass(value) else None
 
 
-def _target_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
 def _local_input(x: fx.Node) -> fx.Node:
     """``x0`` for ``x = DTensor.from_local(x0, ...)``, possibly redistributed (a row-parallel
     linear's input sharded on its last dimension): what the adapter terms read."""
     cur = x
-    while (cur.op in ("call_function", "call_method") and _target_name(cur) in _TP_INPUT + ("redistribute",)
+    while (cur.op in ("call_function", "call_method") and op_name(cur) in _TP_INPUT + ("redistribute",)
            and isinstance(cur.args[0], fx.Node)):
         cur = cur.args[0]
     return cur
@@ -427,7 +435,7 @@ def _past_output_hooks(base: fx.Node) -> fx.Node:
     cur = base
     while len(cur.users) == 1:
         user = next(iter(cur.users))
-        if user.op not in ("call_function", "call_method") or _target_name(user) not in _TP_OUTPUT:
+        if user.op not in ("call_function", "call_method") or op_name(user) not in _TP_OUTPUT:
             break
         cur = user
     return cur

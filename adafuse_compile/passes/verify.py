@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_delta_ref
-from .sites import Site, ancestors, is_inplace, node_value_meta
+from .sites import Site, ancestors, is_write, node_value_meta, op_name
 
 __all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "ROUTING_LEAK", "DecisionDraws", "Probe", "canonical_delta",
            "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay",
@@ -99,13 +99,6 @@ _SCATTERS = frozenset({"index_add", "index_add_", "index_copy", "index_copy_", "
                        "scatter_", "scatter_add", "scatter_add_", "masked_scatter", "masked_scatter_", "setitem",
                        "index_fill", "index_fill_"})
 _CONCATS = frozenset({"cat", "stack", "concat", "concatenate", "hstack", "vstack"})
-
-
-def op_name(node: fx.Node) -> str:
-    """The bare name of what ``node`` calls (``add_`` for ``x.add_``, ``iadd`` for ``+=``)."""
-    if node.op == "call_method":
-        return node.target
-    return getattr(node.target, "__name__", str(node.target))
 
 
 def random_op(node: fx.Node, gm: fx.GraphModule | None = None) -> str | None:
@@ -179,7 +172,7 @@ class _Classifier:
                 if node in self.routing:
                     verdict = f"{ROUTING_LEAK}: {verdict}"
                 verdict = _NONLIN + verdict
-            if is_inplace(node) or op_name(node) == "setitem":
+            if is_write(node):
                 # The write changes the target and every view it was taken through.
                 chain = _view_chain(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else []
                 # A nonlinear write into (a view of) an input-dependent value: whatever else
