@@ -309,15 +309,18 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
 }
 
-void check_factors(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B) {
+// A as [E_A, r, in] and B as [E, out, r], given by their sizes (a list's first factor has no
+// expert dimension: E_A = E = 1 for it, and no unsqueezed view is made per call for the check).
+void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef a, at::IntArrayRef b,
+                   at::ScalarType a_type, at::ScalarType b_type) {
   const int64_t in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK(A.dim() == 3 && B.dim() == 3, "lora_moe_linear: expected A [E, r, in], B [E, out, r]");
-  TORCH_CHECK(A.size(2) == in, "A has ", A.size(2), " input features, weight ", in);
-  TORCH_CHECK(B.size(1) == out, "B has ", B.size(1), " outputs, weight ", out);
-  TORCH_CHECK(A.size(1) == B.size(2), "A rank ", A.size(1), " != B rank ", B.size(2));
-  TORCH_CHECK(A.size(0) == B.size(0) || A.size(0) == 1, "A has ", A.size(0), " experts, B ", B.size(0));
-  TORCH_CHECK(A.scalar_type() == x.scalar_type(), "A is ", A.scalar_type(), " but x is ", x.scalar_type());
-  TORCH_CHECK(B.scalar_type() == x.scalar_type(), "B is ", B.scalar_type(), " but x is ", x.scalar_type());
+  TORCH_CHECK(a.size() == 3 && b.size() == 3, "lora_moe_linear: expected A [E, r, in], B [E, out, r]");
+  TORCH_CHECK(a[2] == in, "A has ", a[2], " input features, weight ", in);
+  TORCH_CHECK(b[1] == out, "B has ", b[1], " outputs, weight ", out);
+  TORCH_CHECK(a[1] == b[2], "A rank ", a[1], " != B rank ", b[2]);
+  TORCH_CHECK(a[0] == b[0] || a[0] == 1, "A has ", a[0], " experts, B ", b[0]);
+  TORCH_CHECK(a_type == x.scalar_type(), "A is ", a_type, " but x is ", x.scalar_type());
+  TORCH_CHECK(b_type == x.scalar_type(), "B is ", b_type, " but x is ", x.scalar_type());
 }
 
 // The loops read each chosen expert once per token; GEMMs read every expert once per call.
@@ -354,7 +357,7 @@ at::Tensor lora_moe_linear_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& A, const at::Tensor& B, const at::Tensor& idx, const at::Tensor& g,
                                double scale) {
   check_common(x, weight, bias, idx, g);
-  check_factors(x, weight, A, B);
+  check_factors(x, weight, A.sizes(), B.sizes(), A.scalar_type(), B.scalar_type());
   return base_plus_experts(
       x, weight, bias, idx, g, scale, B.size(0), [&] { return std::make_pair(A, B); },
       [&]<typename scalar_t>() { return stacked_factors<scalar_t>(A, B); });
@@ -375,7 +378,8 @@ at::Tensor lora_moe_linear_lists_cpu(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK(b.dim() == 2 && b.sizes() == B[0].sizes() && b.scalar_type() == x.scalar_type(),
                 "every B must be [out, r] of x's dtype like B[0] ", B[0].sizes(), ", got ", b.sizes(), " ", b.scalar_type());
   }
-  check_factors(x, weight, A[0].unsqueeze(0), B[0].unsqueeze(0));
+  check_factors(x, weight, {1, A[0].size(0), A[0].size(1)}, {1, B[0].size(0), B[0].size(1)}, A[0].scalar_type(),
+                B[0].scalar_type());
   return base_plus_experts(
       x, weight, bias, idx, g, scale, E, [&] { return std::make_pair(at::stack(A), at::stack(B)); },
       [&]<typename scalar_t>() { return listed_factors<scalar_t>(A, B); });
