@@ -343,6 +343,17 @@ def test_thread_chunks_match_one_thread(lists, T, k, out):
         assert torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+def test_zero_outputs(lists):
+    """out=0: an empty result (no row blocks to split), and a bad expert index still raises."""
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(3, 16, 0, 8, 4, 2, dtype=torch.float32, seed=0)
+    impl = _lists_impl if lists else lora_moe_linear
+    assert impl(x, W, b, A, B, idx, g, 1.0).shape == (3, 0)
+    with pytest.raises(RuntimeError, match="is not an expert"):
+        impl(x, W, b, A, B, idx + 4, g, 1.0)
+
+
 @pytest.mark.parametrize("bad", [4, -1, 100])
 @pytest.mark.parametrize("T", [2, 40], ids=["loops", "gemm"])
 @pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])

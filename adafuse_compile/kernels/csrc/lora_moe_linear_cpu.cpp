@@ -267,6 +267,7 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
   for (int64_t n = 0; n < pairs; ++n) {
     TORCH_CHECK(ip[n] >= 0 && ip[n] < E, "idx[", n / k, ", ", n % k, "] = ", ip[n], " is not an expert (E = ", E, ")");
   }
+  if (out == 0) return;  // nothing to add (and no row blocks to divide)
   // A phase is worth a second thread from ~16K multiply-adds (a wake-up costs a few us): a
   // decode token of the small model (512x1376, k=2, r=8: 30K in all) stays on one thread, 8
   // tokens use two. An OpenMP region is never entered for one chunk: even a one-thread region
