@@ -100,9 +100,13 @@ inline acc_t dot(const a_t* a, const b_t* b, int64_t n) {
   return part[0];
 }
 
-// h[q] = c * (A_e x)[q] for one token and one chosen expert.
 #ifdef ADAFUSE_AVX2
-inline __m256 sum8x8(const __m256* v);
+// The sums of eight 8-lane vectors, as one vector: [sum v[0], ..., sum v[7]].
+inline __m256 sum8x8(const __m256* v) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
 
 // Eight rows of A_e against x in one pass: eight independent accumulators (one transposing
 // reduction at the end) and eight rows streaming at once. Measured (the 28 sites of the small
@@ -125,6 +129,7 @@ void shrink8_avx2(const float* A, int64_t a_row, const float* x, int64_t in, flo
 }
 #endif
 
+// h[q] = c * (A_e x)[q] for one token and one chosen expert.
 template <typename scalar_t, typename acc_t>
 void shrink(const Factors<scalar_t>& f, const scalar_t* Ae, const scalar_t* x, int64_t in, acc_t c, acc_t* h) {
 #ifdef ADAFUSE_AVX2
@@ -167,13 +172,6 @@ void expand_rows_fixed(const scalar_t* const* Bj, const acc_t* h, int64_t k, int
 }
 
 #ifdef ADAFUSE_AVX2
-// The sums of eight 8-lane vectors, as one vector: [sum v[0], ..., sum v[7]].
-inline __m256 sum8x8(const __m256* v) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
 // expand_rows_fixed for float with r % 8 == 0, eight output rows at a time: 8-lane products of
 // each row with h, then one transposing reduction for the eight rows (a per-row reduction would
 // cost as much as the products).
