@@ -5,6 +5,14 @@ Configurations run interleaved in one process (round-robin, median of per-round 
 shared/MEASUREMENTS.md (beside the repository) prescribes for this noisy machine; ratios are to the plain base linear.
 
     python benchmarks/bench_ops.py [--tokens 1,8] [--hidden 1024] [--rounds 15]
+
+One site called over and over keeps its experts in cache, which a model never does. With
+``--model small|medium`` the fused op instead runs every adapted linear of that model's step in
+turn (the seven projections of each layer, each with its own weights), so each site's weights
+come from memory as they do in a decode step; the adapter's cost is the step with the op minus
+the step with the same op at scale 0 (the base linear alone, same call):
+
+    python benchmarks/bench_ops.py --model small [--tokens 1,8]
 """
 
 from __future__ import annotations
@@ -61,6 +69,45 @@ def _torch_path(threshold):
     return run
 
 
+# (hidden, intermediate, layers) of adafuse-bench's model sizes; q, k, v, o are hidden x hidden
+# here (no grouped-query attention), gate and up hidden -> intermediate, down the reverse.
+MODEL_SITES = {"small": (512, 1376, 4), "medium": (1024, 2816, 8)}
+
+
+def model_step_sites(size: str, E: int, r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(W, A, B) of every adapted linear of one step of ``size``, in the model's order."""
+    hidden, inter, layers = MODEL_SITES[size]
+    shapes = [(hidden, hidden)] * 4 + [(hidden, inter)] * 2 + [(inter, hidden)]
+    return [(torch.randn(n_out, n_in) / n_in**0.5, torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5)
+            for _ in range(layers) for n_in, n_out in shapes]
+
+
+def bench_model_step(a) -> None:
+    sites = model_step_sites(a.model, a.experts, a.rank)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, the {len(sites)} adapted linears of "
+          f"the {a.model} model's step in turn, E={a.experts} k={a.top_k} r={a.rank}; median of {a.rounds} "
+          f"interleaved rounds x {a.reps}")
+    print(f"{'T':>3} {'base linear':>12} {'op, scale 0':>12} {'op':>10} {'adapter/site':>13}  (us per step, per site)")
+    with torch.inference_mode():
+        for T in (int(t) for t in a.tokens.split(",")):
+            xs = [torch.randn(T, W.shape[1]) for W, _, _ in sites]
+            idxs = [torch.argsort(torch.rand(T, a.experts), 1)[:, : a.top_k].contiguous() for _ in sites]
+            g = torch.softmax(torch.randn(T, a.top_k), -1)
+
+            def step(scale):
+                for (W, A, B), x, idx in zip(sites, xs, idxs):
+                    lora_moe_linear(x, W, None, A, B, idx, g, scale)
+
+            def linears():
+                for (W, _, _), x in zip(sites, xs):
+                    F.linear(x, W)
+
+            res = interleaved_medians({"linear": linears, "op0": functools.partial(step, 0.0),
+                                       "op": functools.partial(step, 2.0)}, rounds=a.rounds, reps=a.reps)
+            print(f"{T:>3} {res['linear'] * 1e6:>12.0f} {res['op0'] * 1e6:>12.0f} {res['op'] * 1e6:>10.0f} "
+                  f"{(res['op'] - res['op0']) / len(sites) * 1e6:>13.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,8")
@@ -71,9 +118,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--model", choices=sorted(MODEL_SITES), default=None,
+                    help="time every adapted linear of this model's step in turn (cold weights)")
     a = ap.parse_args()
     torch.manual_seed(0)
     kernel = "C++ kernel" if load_cpu_kernels() else "pure-torch fallback (C++ kernel not built)"
+    if a.model:
+        print(f"fused op = {kernel}")
+        bench_model_step(a)
+        return
     n_in, n_out, E, k, r = a.hidden, a.out or a.hidden, a.experts, a.top_k, a.rank
     W, b = torch.randn(n_out, n_in) / n_in**0.5, torch.randn(n_out)
     A, B = torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5

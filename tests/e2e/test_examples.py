@@ -65,3 +65,12 @@ def test_bench_rejects_unknown_configurations():
     out = subprocess.run([sys.executable, "-m", "adafuse_compile.bench", "--configs", "nope*"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0 and "match no configuration" in out.stderr and "mole-fused" in out.stderr
+
+
+def test_bench_ops_times_a_model_step_site_by_site():
+    """bench_ops.py --model: every adapted linear of the small model's step (28), one row per T."""
+    out = _run(ROOT / "benchmarks" / "bench_ops.py", "--model", "small", "--tokens", "1,2", "--rounds", "1", "--reps", "1")
+    assert "the 28 adapted linears of the small model's step" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [row[0] for row in rows] == ["1", "2"] and all(len(row) == 5 for row in rows)
+    assert all(float(v) > 0 for row in rows for v in row[1:4])

@@ -241,9 +241,10 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
 //    and tokens (inner loop), a block small enough that the chosen experts' rows of it stay in
 //    L1: each chosen B_e is read from memory once per call, not once per token.
 //
-// Measured: the 28 sites of the small model's step in turn (hidden 512, intermediate 1376, E=8,
-// k=2, r=8, fp32, 2 threads, each site's weights cold as in a model), adapter time per site =
-// op - op with scale 0, medians of 15 interleaved rounds: 8 tokens 83 us with the former
+// Measured (`python benchmarks/bench_ops.py --model small`): the 28 sites of the small model's
+// step in turn (hidden 512, intermediate 1376, E=8, k=2, r=8, fp32, 2 threads, each site's
+// weights cold as in a model), adapter time per site = op - op with scale 0, medians of 15
+// interleaved rounds: 8 tokens 83 us with the former
 // token-by-token loop (each token re-read its experts) against 53-65 us in four runs; one token
 // 14 us in both. Both phases stall on loads (perf annotate). With timers inside the op (8
 // tokens): shrink ~11 us, expand ~21 us a call; neither a second thread, nor one block of all
