@@ -74,12 +74,21 @@ def _torch_path(threshold):
 MODEL_SITES = {"small": (512, 1376, 4), "medium": (1024, 2816, 8)}
 
 
+def random_site(n_in: int, n_out: int, E: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [out, in], A [E, r, in], B [E, out, r], scaled so outputs stay O(1)."""
+    return torch.randn(n_out, n_in) / n_in**0.5, torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5
+
+
+def random_routing(T: int, E: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx [T, k] (k distinct experts per token) and gates g [T, k]."""
+    return torch.argsort(torch.rand(T, E), 1)[:, :k].contiguous(), torch.softmax(torch.randn(T, k), -1)
+
+
 def model_step_sites(size: str, E: int, r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(W, A, B) of every adapted linear of one step of ``size``, in the model's order."""
     hidden, inter, layers = MODEL_SITES[size]
     shapes = [(hidden, hidden)] * 4 + [(hidden, inter)] * 2 + [(inter, hidden)]
-    return [(torch.randn(n_out, n_in) / n_in**0.5, torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5)
-            for _ in range(layers) for n_in, n_out in shapes]
+    return [random_site(n_in, n_out, E, r) for _ in range(layers) for n_in, n_out in shapes]
 
 
 def bench_model_step(a) -> None:
@@ -91,11 +100,10 @@ def bench_model_step(a) -> None:
     with torch.inference_mode():
         for T in (int(t) for t in a.tokens.split(",")):
             xs = [torch.randn(T, W.shape[1]) for W, _, _ in sites]
-            idxs = [torch.argsort(torch.rand(T, a.experts), 1)[:, : a.top_k].contiguous() for _ in sites]
-            g = torch.softmax(torch.randn(T, a.top_k), -1)
+            routings = [random_routing(T, a.experts, a.top_k) for _ in sites]
 
             def step(scale):
-                for (W, A, B), x, idx in zip(sites, xs, idxs):
+                for (W, A, B), x, (idx, g) in zip(sites, xs, routings):
                     lora_moe_linear(x, W, None, A, B, idx, g, scale)
 
             def linears():
@@ -128,8 +136,8 @@ def main() -> None:
         bench_model_step(a)
         return
     n_in, n_out, E, k, r = a.hidden, a.out or a.hidden, a.experts, a.top_k, a.rank
-    W, b = torch.randn(n_out, n_in) / n_in**0.5, torch.randn(n_out)
-    A, B = torch.randn(E, r, n_in) / n_in**0.5, torch.randn(E, n_out, r) / r**0.5
+    W, A, B = random_site(n_in, n_out, E, r)
+    b = torch.randn(n_out)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
           f"in={n_in} out={n_out} E={E} k={k} r={r}; median of {a.rounds} interleaved rounds x {a.reps}; "
           f"fused op = {kernel}")
@@ -137,8 +145,7 @@ def main() -> None:
     with torch.inference_mode():
         for T in (int(t) for t in a.tokens.split(",")):
             x = torch.randn(T, n_in)
-            idx = torch.argsort(torch.rand(T, E), 1)[:, :k].contiguous()
-            g = torch.softmax(torch.randn(T, k), -1)
+            idx, g = random_routing(T, E, k)
             args = (x, W, b, A, B, idx, g, 2.0)
             fns = {
                 "base linear only": lambda x, W, b, *_: F.linear(x, W, b),
