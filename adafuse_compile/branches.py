@@ -35,8 +35,9 @@ installed:
    ``nn.Identity``, ``nn.Dropout`` and activations are), without hooks.
 
 Anything else keeps the original ``forward`` (and its graph breaks), and the reason is logged
-and returned. Hooks added after a model was compiled are not seen (as Dynamo does not see them). Only :func:`adafuse_compile.compile` and :func:`adafuse_compile.explain` install
-these copies; plain ``torch.compile`` sees the model as written.
+and returned. Hooks added after a model was compiled are not seen (as Dynamo does not see
+them). Only :func:`adafuse_compile.compile` and :func:`adafuse_compile.explain` install these
+copies; plain ``torch.compile`` sees the model as written.
 """
 
 from __future__ import annotations
