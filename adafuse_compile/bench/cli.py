@@ -19,6 +19,7 @@ import argparse
 import collections
 import dataclasses
 import fnmatch
+import statistics
 import sys
 import time
 
@@ -28,7 +29,7 @@ from ..backend import capture_rewrites
 from .report import format_table, machine_info, speed_targets, write_json, write_plot
 from .decoding import DecodeResult, GreedyDecoder, compare_to_reference
 from ..models import DEFAULT_TARGETS, add_lora_moe, add_pregated_lora_moe, tiny_llama
-from .timing import interleaved_medians
+from .timing import interleaved_times, paired_ratio
 
 __all__ = ["CONFIGS", "Config", "main", "select_configs"]
 
@@ -231,14 +232,14 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
             bar.update()
         return call
 
-    medians = interleaved_medians({k: ticking(d.decode) for k, d in decoders.items()},
+    per_round = interleaved_times({k: ticking(d.decode) for k, d in decoders.items()},
                                   rounds=args.repeats, reps=1, warmup=0)  # warmed in prepare
     bar.close()
-    base = medians.get("backbone-inductor")
+    base = "backbone-inductor" if "backbone-inductor" in per_round else None
     for row in rows:
-        ms = medians[row["config"]] * 1e3 / args.new
+        ms = statistics.median(per_round[row["config"]]) * 1e3 / args.new
         row.update(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms,
-                   vs_backbone_inductor=None if base is None else medians[row["config"]] / base)
+                   vs_backbone_inductor=None if base is None else paired_ratio(per_round, row["config"], base))
     profiles = {}
     for cfg in configs:
         if args.profile and any(fnmatch.fnmatchcase(cfg.key, p) for p in args.profile.split(",")):

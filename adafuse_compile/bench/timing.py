@@ -3,6 +3,9 @@ beside the repository).
 
 Separate processes drift 5-10% and single repeats stall 2-30x: configurations therefore run
 round-robin in one process, and each reports the median over rounds of its per-round median.
+A ratio of two configurations is the median over rounds of their per-round ratio
+(:func:`paired_ratio`): a drift that slows a whole round (clock, a neighbour's load) cancels in
+it, where it only partly cancels in a ratio of two medians.
 """
 
 from __future__ import annotations
@@ -11,12 +14,19 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["interleaved_medians"]
+__all__ = ["interleaved_medians", "interleaved_times", "paired_ratio"]
 
 
 def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int, reps: int,
                         warmup: int = 3) -> dict[str, float]:
-    """Seconds per call of each function: median over ``rounds`` of the median of ``reps`` calls.
+    """Seconds per call of each function: median over ``rounds`` of the median of ``reps`` calls."""
+    per_round = interleaved_times(fns, rounds=rounds, reps=reps, warmup=warmup)
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], object]], *, rounds: int, reps: int,
+                      warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``rounds`` rounds (the median of ``reps`` calls).
 
     Each round calls every function ``reps`` times in turn, so drift hits all of them alike.
     """
@@ -32,4 +42,9 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int,
                 fn()
                 times.append(time.perf_counter() - t0)
             per_round[name].append(statistics.median(times))
-    return {name: statistics.median(v) for name, v in per_round.items()}
+    return per_round
+
+
+def paired_ratio(per_round: Mapping[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``name``'s time divided by ``base``'s time in the same round."""
+    return statistics.median(t / b for t, b in zip(per_round[name], per_round[base], strict=True))
