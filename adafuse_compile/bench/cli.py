@@ -239,6 +239,7 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
     for row in rows:
         ms = statistics.median(per_round[row["config"]]) * 1e3 / args.new
         row.update(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms,
+                   round_ms_per_token=[t * 1e3 / args.new for t in per_round[row["config"]]],
                    vs_backbone_inductor=None if base is None else paired_ratio(per_round, row["config"], base))
     profiles = {}
     for cfg in configs:

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 
 import torch
 
@@ -55,14 +56,23 @@ def speed_targets(results: list[dict]) -> list[dict]:
     """Each target of the issue, for every adafuse configuration whose comparisons were run.
 
     "Overhead recovered" is (MoLE eager - adafuse) / (MoLE eager - backbone under Inductor):
-    1.0 means the adapters cost nothing over the compiled backbone.
+    1.0 means the adapters cost nothing over the compiled backbone. Like every ratio here, it is
+    the median over rounds of its value within each round (rows timed together carry
+    ``round_ms_per_token``), else computed from the medians.
     """
     by = _by(results)
+
+    def paired(fn, *rows):
+        rounds = [row.get("round_ms_per_token") for row in rows]
+        if all(rounds) and len({len(x) for x in rounds}) == 1:
+            return statistics.median(fn(*values) for values in zip(*rounds))
+        return fn(*(row["ms_per_token"] for row in rows))
+
     out = []
     for r in results:
         if r["backend"] != "adafuse":
             continue
-        b, m, t = r["batch"], r["model"], r["ms_per_token"]
+        b, m = r["batch"], r["model"]
         base, eager, inductor = (by.get((k, b)) for k in ("backbone-inductor", f"{m}-eager", f"{m}-inductor"))
 
         def add(target, value, limit, is_max):
@@ -70,12 +80,13 @@ def speed_targets(results: list[dict]) -> list[dict]:
                         "value": value, "limit": limit, "met": value <= limit if is_max else value >= limit})
 
         if base:
-            add("adafuse / backbone inductor", t / base["ms_per_token"], MAX_RATIO_TO_BACKBONE, True)
+            add("adafuse / backbone inductor", paired(lambda a, bb: a / bb, r, base), MAX_RATIO_TO_BACKBONE, True)
         if base and eager and eager["ms_per_token"] > base["ms_per_token"]:
-            recovered = (eager["ms_per_token"] - t) / (eager["ms_per_token"] - base["ms_per_token"])
+            # A round where eager was not slower than the backbone recovers nothing (and divides by 0).
+            recovered = paired(lambda a, e, bb: (e - a) / (e - bb) if e > bb else 0.0, r, eager, base)
             add("overhead recovered", recovered, MIN_OVERHEAD_RECOVERED, False)
         if inductor:
-            add("inductor / adafuse", inductor["ms_per_token"] / t, MIN_INDUCTOR_OVER_ADAFUSE, False)
+            add("inductor / adafuse", paired(lambda a, i: i / a, r, inductor), MIN_INDUCTOR_OVER_ADAFUSE, False)
             if inductor["compile_s"] > 0:
                 add("compile adafuse / inductor", r["compile_s"] / inductor["compile_s"], MAX_COMPILE_RATIO, True)
     return out

@@ -74,3 +74,15 @@ def test_bench_ops_times_a_model_step_site_by_site():
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert [row[0] for row in rows] == ["1", "2"] and all(len(row) == 5 for row in rows)
     assert all(float(v) > 0 for row in rows for v in row[1:4])
+
+
+def test_bench_step_split_reports_inside_and_around_the_graph():
+    """bench_step_split.py: the step split into the compiled graph and the work around it."""
+    out = _run(ROOT / "benchmarks" / "bench_step_split.py", "--size", "tiny", "--rounds", "1", "--new", "2")
+    rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()
+            if line.startswith(("backbone, Inductor", "MoLE (mola), adafuse"))}
+    assert set(rows) == {"backbone, Inductor", "MoLE (mola), adafuse"}
+    for total, inside, around, inputs, ratio in rows.values():
+        assert float(inside) > 0 and float(total) == pytest.approx(float(inside) + float(around), abs=0.02)
+    # One expert nn.Linear per expert: many more tensors reach the graph than the backbone's.
+    assert int(rows["MoLE (mola), adafuse"][3]) > 4 * int(rows["backbone, Inductor"][3])

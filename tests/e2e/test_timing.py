@@ -22,3 +22,19 @@ def test_paired_ratio_cancels_a_slow_round():
     assert paired_ratio(drifting, "x", "base") == pytest.approx(1.5)
     with pytest.raises(ValueError):
         paired_ratio({"base": [1.0], "x": [1.0, 2.0]}, "x", "base")
+
+
+def test_speed_targets_pair_rounds():
+    from adafuse_compile.bench.report import speed_targets
+
+    def row(config, model, backend, rounds):
+        return {"config": config, "name": config, "model": model, "backend": backend, "batch": 1, "compile_s": 0.0,
+                "ms_per_token": sorted(rounds)[len(rounds) // 2], "round_ms_per_token": rounds}
+
+    # The second round ran 2x slower for everyone: paired, adafuse is 1.05x the backbone.
+    results = [row("backbone-inductor", "backbone", "inductor", [10.0, 20.0, 10.0]),
+               row("mole-eager", "mole", None, [20.0, 40.0, 20.0]),
+               row("mole-fused", "mole", "adafuse", [10.5, 21.0, 12.0])]
+    got = {t["target"]: t["value"] for t in speed_targets(results)}
+    assert got["adafuse / backbone inductor"] == pytest.approx(1.05)
+    assert got["overhead recovered"] == pytest.approx(0.95)
