@@ -14,6 +14,13 @@ def test_rounds_call_every_function_in_turn():
     assert set(interleaved_medians({"a": lambda: None}, rounds=2, reps=1, warmup=0)) == {"a"}
 
 
+def test_settling_calls_precede_each_timed_call_untimed():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                              rounds=2, reps=1, warmup=0, settle=1)
+    assert calls == ["a", "a", "b", "b"] * 2 and all(len(v) == 2 for v in times.values())
+
+
 def test_paired_ratio_cancels_a_slow_round():
     # Round 2 runs 3x slower for both: the paired ratio stays 1.5, a ratio of medians would not.
     per_round = {"base": [1.0, 3.0, 1.0, 3.0, 3.0], "x": [1.5, 4.5, 1.5, 4.5, 4.5]}
