@@ -87,10 +87,11 @@ def main(argv=None) -> None:
         decoders[name].decode()
         inside[name].append(backend.inside / args.new)
 
+    settle = 1
     per_round = interleaved_times({name: (lambda n=name: step(n)) for name in configs},
-                                  rounds=args.rounds, reps=1, warmup=0, settle=1)
-    for name in configs:  # each round: an untimed (settling) call, then the timed one
-        inside[name] = inside[name][1::2]
+                                  rounds=args.rounds, reps=1, warmup=0, settle=settle)
+    for name in configs:  # each round: the settling calls, then the timed one
+        inside[name] = inside[name][settle::settle + 1]
     base = next(iter(configs))
     print(f"{args.size} Llama, MoLE written as {args.style!r}, batch {args.batch}, {args.new} decode steps x "
           f"{args.rounds} interleaved rounds, medians, torch {torch.__version__}, {torch.get_num_threads()} threads")

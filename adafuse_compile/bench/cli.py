@@ -224,7 +224,8 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
                      "reference": ref_key, "check": check})
         bar.update(f"{cfg.key} {compile_s:.0f} s")
     bar.close()
-    bar = Progress(2 * args.repeats * len(decoders), f"batch {batch}: timing")
+    settle = 1  # each timed decode follows an untimed one (bench.timing)
+    bar = Progress((1 + settle) * args.repeats * len(decoders), f"batch {batch}: timing")
 
     def ticking(fn):
         def call():
@@ -232,9 +233,8 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
             bar.update()
         return call
 
-    # warmed in prepare; each timed decode follows an untimed one (bench.timing: settle)
     per_round = interleaved_times({k: ticking(d.decode) for k, d in decoders.items()},
-                                  rounds=args.repeats, reps=1, warmup=0, settle=1)
+                                  rounds=args.repeats, reps=1, warmup=0, settle=settle)  # warmed in prepare
     bar.close()
     base = "backbone-inductor" if "backbone-inductor" in per_round else None
     for row in rows:

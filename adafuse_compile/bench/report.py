@@ -10,9 +10,10 @@ import datetime
 import json
 import os
 import platform
-import statistics
 
 import torch
+
+from .timing import paired
 
 __all__ = ["format_table", "machine_info", "speed_targets", "write_json", "write_plot"]
 
@@ -62,10 +63,10 @@ def speed_targets(results: list[dict]) -> list[dict]:
     """
     by = _by(results)
 
-    def paired(fn, *rows):
+    def paired_rows(fn, *rows):
         rounds = [row.get("round_ms_per_token") for row in rows]
         if all(rounds) and len({len(x) for x in rounds}) == 1:
-            return statistics.median(fn(*values) for values in zip(*rounds))
+            return paired(fn, *rounds)
         return fn(*(row["ms_per_token"] for row in rows))
 
     out = []
@@ -80,13 +81,13 @@ def speed_targets(results: list[dict]) -> list[dict]:
                         "value": value, "limit": limit, "met": value <= limit if is_max else value >= limit})
 
         if base:
-            add("adafuse / backbone inductor", paired(lambda a, bb: a / bb, r, base), MAX_RATIO_TO_BACKBONE, True)
+            add("adafuse / backbone inductor", paired_rows(lambda a, bb: a / bb, r, base), MAX_RATIO_TO_BACKBONE, True)
         if base and eager and eager["ms_per_token"] > base["ms_per_token"]:
             # A round where eager was not slower than the backbone recovers nothing (and divides by 0).
-            recovered = paired(lambda a, e, bb: (e - a) / (e - bb) if e > bb else 0.0, r, eager, base)
+            recovered = paired_rows(lambda a, e, bb: (e - a) / (e - bb) if e > bb else 0.0, r, eager, base)
             add("overhead recovered", recovered, MIN_OVERHEAD_RECOVERED, False)
         if inductor:
-            add("inductor / adafuse", paired(lambda a, i: i / a, r, inductor), MIN_INDUCTOR_OVER_ADAFUSE, False)
+            add("inductor / adafuse", paired_rows(lambda a, i: i / a, r, inductor), MIN_INDUCTOR_OVER_ADAFUSE, False)
             if inductor["compile_s"] > 0:
                 add("compile adafuse / inductor", r["compile_s"] / inductor["compile_s"], MAX_COMPILE_RATIO, True)
     return out

@@ -17,11 +17,12 @@ with one settling call each, 1.05 and 1.00.
 
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["interleaved_medians", "interleaved_times", "paired_ratio"]
+__all__ = ["interleaved_medians", "interleaved_times", "paired", "paired_ratio"]
 
 
 def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int, reps: int,
@@ -55,6 +56,11 @@ def interleaved_times(fns: Mapping[str, Callable[[], object]], *, rounds: int, r
     return per_round
 
 
+def paired(fn: Callable[..., float], *series: list[float]) -> float:
+    """Median over rounds of ``fn`` of the series' values in the same round."""
+    return statistics.median(fn(*values) for values in zip(*series, strict=True))
+
+
 def paired_ratio(per_round: Mapping[str, list[float]], name: str, base: str) -> float:
     """Median over rounds of ``name``'s time divided by ``base``'s time in the same round."""
-    return statistics.median(t / b for t, b in zip(per_round[name], per_round[base], strict=True))
+    return paired(operator.truediv, per_round[name], per_round[base])
