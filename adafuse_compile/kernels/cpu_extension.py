@@ -20,7 +20,8 @@ log = logging.getLogger("adafuse_compile")
 
 _SOURCES = ["lora_moe_linear_cpu.cpp"]
 _ENV = "ADAFUSE_CPU_KERNELS"
-_FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that builds
+# The first that builds. -fopenmp: at::parallel_for is a serial loop in code compiled without it.
+_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 
 @functools.cache
@@ -50,6 +51,7 @@ def load_cpu_kernels() -> bool:
                 name=f"{name}_{_tag(flags)}",
                 sources=[str(csrc / s) for s in _SOURCES],
                 extra_cflags=flags,
+                extra_ldflags=[f for f in flags if f == "-fopenmp"],
                 is_python_module=False,
                 verbose=False,
             )

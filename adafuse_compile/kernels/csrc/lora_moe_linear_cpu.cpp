@@ -3,17 +3,20 @@
 //
 // Why C++: on the 2-core CPU every ATen call from Python costs ~4 us, and the adapter of one
 // decode token is ~10 such calls (~40-60 us) around ~128 KB of expert weights that take ~5 us to
-// read. Here the whole op is one dispatcher call: the base linear through ATen (oneDNN/MKL), the
-// chosen experts in plain loops over their rows, read in place wherever they live (a stacked
-// tensor, a transposed view of one, or one tensor per expert), never gathered or stacked.
+// read. Here the whole op is one dispatcher call: the base linear (for decode, float32 on AVX-512:
+// computed here, in the same pass over the output rows as the adapter; otherwise through ATen's
+// oneDNN/MKL), the chosen experts in plain loops over their rows, read in place wherever they
+// live (a stacked tensor, a transposed view of one, or one tensor per expert), never gathered or
+// stacked.
 //
 // Definition and shapes: adafuse_compile/kernels/reference.py. x [T, in], weight [out, in],
 // bias [out] or undefined, A [E or 1, r, in], B [E, out, r] (or lists of [r, in] / [out, r]),
 // idx [T, k] int64, g [T, k] floating.
 //
-// Built with -O3 -march=native (cpu_extension.py): the loops below are written so that the
-// compiler vectorizes them (independent partial sums, unit-stride inner loops, a compile-time
-// rank for the short dot products of the expand).
+// Built with -O3 -march=native -fopenmp (cpu_extension.py): the loops below are written so that
+// the compiler vectorizes them (independent partial sums, unit-stride inner loops, a compile-time
+// rank for the short dot products of the expand), and at::parallel_for runs on torch's OpenMP
+// threads (without -fopenmp it is a serial loop: it was, unnoticed, until 2026-11-30).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,6 +35,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define ADAFUSE_AVX2 1
+#if defined(__AVX512F__)
+#define ADAFUSE_AVX512 1
+#endif
 #endif
 
 namespace adafuse {
@@ -198,6 +204,64 @@ void expand_rows_avx2(const float* const* Bj, const float* h, int64_t k, int64_t
 }
 #endif
 
+#ifdef ADAFUSE_AVX512
+// The base linear of rows [o0, o1) for TB tokens: y[t, o] = W[o] . x[t] + b[o], RB rows of W
+// streaming at once against TB tokens (RB * TB independent 16-lane accumulators, each reduced
+// once), the next RB rows prefetched meanwhile. The tail of `in` is a masked load.
+template <int TB, int RB>
+void base_rows_tb(const float* W, int64_t w_row, const float* x, int64_t in, const float* b, int64_t o0, int64_t o1,
+                  float* y, int64_t out) {
+  const int64_t full = in / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1);
+  int64_t o = o0;
+  for (; o + RB <= o1; o += RB) {
+    __m512 acc[RB][TB];
+    for (int rr = 0; rr < RB; ++rr) {
+      for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_setzero_ps();
+    }
+    const float* w0 = W + o * w_row;
+    for (int64_t i = 0; i < full; i += 16) {
+      __m512 xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(x + t * in + i);
+      for (int rr = 0; rr < RB; ++rr) {
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + (RB + rr) * w_row + i), _MM_HINT_T0);
+        const __m512 wv = _mm512_loadu_ps(w0 + rr * w_row + i);
+        for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_fmadd_ps(wv, xv[t], acc[rr][t]);
+      }
+    }
+    if (tail) {
+      __m512 xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = _mm512_maskz_loadu_ps(tail, x + t * in + full);
+      for (int rr = 0; rr < RB; ++rr) {
+        const __m512 wv = _mm512_maskz_loadu_ps(tail, w0 + rr * w_row + full);
+        for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_fmadd_ps(wv, xv[t], acc[rr][t]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) {
+      for (int rr = 0; rr < RB; ++rr) y[t * out + o + rr] = _mm512_reduce_add_ps(acc[rr][t]) + (b ? b[o + rr] : 0.0f);
+    }
+  }
+  for (; o < o1; ++o) {
+    for (int t = 0; t < TB; ++t) y[t * out + o] = dot<float>(W + o * w_row, x + t * in, in) + (b ? b[o] : 0.0f);
+  }
+}
+
+// The base linear of rows [o0, o1) for all T tokens, four at a time.
+void base_rows(const float* W, int64_t w_row, const float* x, int64_t T, int64_t in, const float* b, int64_t o0,
+               int64_t o1, float* y, int64_t out) {
+  for (int64_t t0 = 0; t0 < T; t0 += 4) {
+    const float* xt = x + t0 * in;
+    float* yt = y + t0 * out;
+    switch (std::min<int64_t>(4, T - t0)) {
+      case 1: base_rows_tb<1, 8>(W, w_row, xt, in, b, o0, o1, yt, out); break;
+      case 2: base_rows_tb<2, 4>(W, w_row, xt, in, b, o0, o1, yt, out); break;
+      case 3: base_rows_tb<3, 4>(W, w_row, xt, in, b, o0, o1, yt, out); break;
+      default: base_rows_tb<4, 4>(W, w_row, xt, in, b, o0, o1, yt, out); break;
+    }
+  }
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* h, int64_t k, int64_t out, acc_t* acc) {
   const int64_t r = f.r;
@@ -232,7 +296,8 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
   }
 }
 
-// y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in two phases.
+// y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in two phases; with
+// `base`, the second phase also computes y = x W^T + b first, block by block.
 //
 // 1. Shrink: h[n] = scale * g[n] * A_e x_t for every (token, choice) pair n, taken in order of
 //    experts, so each chosen A_e is read from memory once per call and from L1 for its other
@@ -242,19 +307,26 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
 //    L1: each chosen B_e is read from memory once per call, not once per token.
 //
 // Measured (`python benchmarks/bench_ops.py --model small`): the 28 sites of the small model's
-// step in turn (hidden 512, intermediate 1376, E=8, k=2, r=8, fp32, 2 threads, each site's
-// weights cold as in a model), adapter time per site = op - op with scale 0, medians of 15
-// interleaved rounds: 8 tokens 83 us with the former
-// token-by-token loop (each token re-read its experts) against 53-65 us in four runs; one token
-// 14 us in both. Both phases stall on loads (perf annotate). With timers inside the op (8
-// tokens): shrink ~11 us, expand ~21 us a call; neither a second thread, nor one block of all
-// rows, nor prefetching a block's rows first moved the expand by more than 10%.
+// step in turn (hidden 512, intermediate 1376, E=8, k=2, r=8, fp32, each site's weights cold as
+// in a model), adapter time per site = op - op with scale 0, medians of 15 interleaved rounds:
+// 8 tokens 83 us with the former token-by-token loop (each token re-read its experts) against
+// 53-65 us in four runs; one token 14 us in both. Both phases stall on loads (perf annotate).
+// (Those figures, and the thread threshold below, date from builds without -fopenmp, in which
+// both phases ran on one thread.)
 //
 // Threads split the pairs of phase 1 and the row blocks of phase 2. Every output is summed by
 // one thread in one order, so the result does not depend on the number of threads.
+//
+// The base linear when the kernel computes it (fused_base): W's rows, their stride, the bias or null.
+struct Base {
+  const float* W;
+  int64_t w_row;
+  const float* b;
+};
+
 template <typename scalar_t>
 void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t E, const at::Tensor& idx,
-                        const at::Tensor& g, double scale, at::Tensor& y) {
+                        const at::Tensor& g, double scale, at::Tensor& y, const Base* base = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), in = x.size(1), k = idx.size(1), out = y.size(1), r = f.r;
   const bool shared_A = f.A.size() == 1;
@@ -267,10 +339,10 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
     TORCH_CHECK(ip[n] >= 0 && ip[n] < E, "idx[", n / k, ", ", n % k, "] = ", ip[n], " is not an expert (E = ", E, ")");
   }
   if (out == 0) return;  // nothing to add (and no row blocks to divide)
-  // A phase is worth a second thread from ~16K multiply-adds (a wake-up costs a few us): a
-  // decode token of the small model (512x1376, k=2, r=8: 30K in all) stays on one thread, 8
-  // tokens use two. An OpenMP region is never entered for one chunk: even a one-thread region
-  // costs microseconds.
+  // A phase gets a second thread from ~16K multiply-adds (a wake-up costs a few us): a decode
+  // token's adapter of the small model (512x1376, k=2, r=8: 30K in all) stays on one thread, its
+  // base linear with it (700K) takes two. An OpenMP region is never entered for one chunk: even
+  // a one-thread region costs microseconds.
   const int64_t threads = at::get_num_threads();
   auto chunks_for = [&](int64_t items, int64_t madds) {
     return std::max<int64_t>(1, std::min<int64_t>({threads, items, madds / 16384}));
@@ -292,17 +364,24 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
     }
   });
 
-  // Rows per block: the chosen experts' rows of a block fill ~32 KB (L1 holds 48 KB here).
-  const int64_t chunks = chunks_for(out / 8, pairs * r * out);
+  // Rows per block: the chosen experts' rows of a block fill ~32 KB (L1 holds 48 KB here), and
+  // every thread gets as many blocks.
+  const int64_t chunks = chunks_for(out / 8, pairs * r * out + (base ? T * in * out : 0));
   const int64_t experts = std::min(E, pairs);
   const int64_t fit = std::max<int64_t>(8, 32768 / (experts * r * static_cast<int64_t>(sizeof(scalar_t))) / 8 * 8);
-  const int64_t rows = std::min(fit, ((out + chunks - 1) / chunks + 7) / 8 * 8);
+  const int64_t even = (std::max(chunks, (out + fit - 1) / fit) + chunks - 1) / chunks * chunks;
+  const int64_t rows = ((out + even - 1) / even + 7) / 8 * 8;
   const int64_t blocks = (out + rows - 1) / rows;
   split(blocks, std::min(chunks, blocks), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> acc(rows);
     std::vector<const scalar_t*> Bj(k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o0 = b * rows, n_rows = std::min(rows, out - o0);
+#ifdef ADAFUSE_AVX512
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (base) base_rows(base->W, base->w_row, xp, T, in, base->b, o0, o0 + n_rows, yp, out);
+      }
+#endif
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t j = 0; j < k; ++j) Bj[j] = f.B[ip[t * k + j]] + o0 * f.b_row;
         expand<scalar_t, acc_t>(f, Bj.data(), h.data() + t * k * r, k, n_rows, acc.data());
@@ -355,6 +434,32 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
   TORCH_CHECK(b_type == x.scalar_type(), "B is ", b_type, " but x is ", x.scalar_type());
 }
 
+// Whether the kernel computes the base linear itself, in its pass over the output rows (each block
+// of W's rows, then the same rows of the chosen experts' B), instead of MKL before it: float32,
+// unit-stride rows, a few tokens (decode) on a CPU with AVX-512.
+//
+// Measured (the 28 adapted linears of a model's step in turn, cold weights, E=8, k=2, r=8, fp32,
+// 2 threads, interleaved rounds; `benchmarks/bench_ops.py --model` times the op this way), the op
+// with MKL's base linear then the adapter, against with the base in the kernel, each as a ratio
+// to MKL's base linear alone: small model (512 / 1376) 1 token 1.15 vs 1.04, 2 tokens 1.24 vs
+// 1.07, 8 tokens 1.28 vs 0.96, 16 tokens 1.25 vs 0.84, 24 tokens 1.25 vs 0.93; medium model
+// (1024 / 2816) 1 token 1.06 vs 0.97, 8 tokens 1.07 vs 0.64, 16 tokens 1.10 vs 0.68. The
+// adapter's cost all but disappears into the pass over W (its rows follow W's in the same
+// stream, and y is written once), and for a few tokens the kernel streams W faster than MKL's
+// sgemm. Up to 32 tokens; more take the GEMM path (use_gemms) in a model with E <= 8.
+constexpr int64_t kFusedBaseMaxTokens = 32;
+
+bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+#ifdef ADAFUSE_AVX512
+  const bool bias_ok = !(bias.has_value() && bias->defined()) ||
+                       (bias->scalar_type() == at::kFloat && bias->stride(0) == 1);
+  return x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.stride(1) == 1 &&
+         x.size(0) <= kFusedBaseMaxTokens && bias_ok;
+#else
+  return false;
+#endif
+}
+
 // The loops read each chosen expert once per token; GEMMs read every expert once per call.
 // Measured (in=out=1024, E=8, k=2, r=8, fp32, 2 threads), op time with loops vs GEMMs:
 // T=16 1439 vs 1594 us, T=32 783 vs 746 us, T=64 1352 vs 1206 us (the base linear alone
@@ -368,9 +473,18 @@ template <typename Stacked, typename Build>
 at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& idx, const at::Tensor& g, double scale, int64_t E, Stacked stacked,
                              Build factors) {
-  at::Tensor y = at::linear(x, weight, bias);
   const int64_t T = x.size(0), k = idx.size(1);
-  if (T == 0 || k == 0 || scale == 0.0) return y;
+  const bool adapter = T > 0 && k > 0 && scale != 0.0;
+  if (adapter && fused_base(x, weight, bias) && !use_gemms(T, k, E)) {
+    at::Tensor y = at::empty({T, weight.size(0)}, x.options());
+    const Base base{weight.const_data_ptr<float>(), weight.stride(0),
+                    bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
+    add_chosen_experts<float>(x.contiguous(), factors.template operator()<float>(), E, idx.contiguous(),
+                              g.to(at::kFloat).contiguous(), scale, y, &base);
+    return y;
+  }
+  at::Tensor y = at::linear(x, weight, bias);
+  if (!adapter) return y;
   y = y.contiguous();
   if (use_gemms(T, k, E)) {  // prefill: stacking experts held one tensor each is paid once for many tokens
     const auto [A, B] = stacked();
