@@ -20,7 +20,9 @@ log = logging.getLogger("adafuse_compile")
 
 _SOURCES = ["lora_moe_linear_cpu.cpp"]
 _ENV = "ADAFUSE_CPU_KERNELS"
-# The first that builds. -fopenmp: at::parallel_for is a serial loop in code compiled without it.
+# The first that builds. -fopenmp: at::parallel_for is a serial loop in code compiled without it
+# (ATen/ParallelOpenMP.h). The libgomp.so.1 it links resolves, at load, to the one torch has
+# already loaded (same soname; checked in /proc/self/maps): one OpenMP thread pool, torch's.
 _FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 

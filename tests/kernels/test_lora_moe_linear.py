@@ -60,6 +60,17 @@ def test_cpu_kernel_is_built_and_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adafuse::{op}", "CPU")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mapped libraries")
+def test_cpu_kernel_is_built_with_openmp():
+    """Compiled without -fopenmp, at::parallel_for is a serial loop: the kernel's threads (and
+    its thread-count test below) silently become one. The library must need libgomp."""
+    assert load_cpu_kernels()
+    libs = {line.split()[-1] for line in open("/proc/self/maps") if "adafuse_cpu_kernels" in line}
+    assert libs, "the C++ kernels' library is not mapped"
+    dynamic = subprocess.run(["readelf", "-d", *libs], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in dynamic
+
+
 @given(case_params)
 def test_matches_reference(p):
     # T in 0..64 with k <= E covers both the C++ kernel's token loops and its GEMM path.
