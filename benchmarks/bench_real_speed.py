@@ -79,7 +79,7 @@ def main(argv=None) -> None:
                 compiled(**inputs)
                 compile_s[label] = time.perf_counter() - t0
                 fns[label] = lambda c=compiled: c(**inputs)
-            t = interleaved_medians(fns, rounds=args.rounds, reps=args.reps)
+            t = interleaved_medians(fns, rounds=args.rounds, reps=args.reps, settle=1)
         ms = {k: v * 1e3 for k, v in t.items()}
         print(f"| {name} | {ms['eager']:.2f} | {ms['inductor']:.2f} | {ms['adafuse']:.2f} | "
               f"{t['adafuse'] / t['inductor']:.2f} | {t['adafuse'] / t['eager']:.2f} | "

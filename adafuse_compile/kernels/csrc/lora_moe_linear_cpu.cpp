@@ -296,6 +296,13 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
   }
 }
 
+// The base linear when the kernel computes it (fused_base): W's rows, their stride, the bias or null.
+struct Base {
+  const float* W;
+  int64_t w_row;
+  const float* b;
+};
+
 // y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in two phases; with
 // `base`, the second phase also computes y = x W^T + b first, block by block.
 //
@@ -316,14 +323,6 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
 //
 // Threads split the pairs of phase 1 and the row blocks of phase 2. Every output is summed by
 // one thread in one order, so the result does not depend on the number of threads.
-//
-// The base linear when the kernel computes it (fused_base): W's rows, their stride, the bias or null.
-struct Base {
-  const float* W;
-  int64_t w_row;
-  const float* b;
-};
-
 template <typename scalar_t>
 void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t E, const at::Tensor& idx,
                         const at::Tensor& g, double scale, at::Tensor& y, const Base* base = nullptr) {
