@@ -24,6 +24,13 @@ Machine constants for this project's 2-core CPU (shared/MEASUREMENTS.md, beside 
 ~18 GB/s effective for the memory-bound backbone, and ~100 GFLOP/s for the fp32 rank-``m*r`` updates of a switch. A switch
 of the medium model's 56 sites (405 MB fp32, k=2, so up to 4 changed experts) is estimated at
 65 ms; measured 38-70 ms for 1-4 changed experts (benchmarks/bench_merge.py).
+
+One bandwidth prices both strategies' reads of W. On CPU that no longer holds for decode: the
+fused op's own base linear (float32, up to 32 tokens, AVX-512) streams W faster than the MKL
+linears a merged step runs (56 medium-model sites, 8 tokens: 0.69 of their time), so ``GAIN``
+overstates what merging wins there (measured, medium pre-gated model, batch 8: fused 0.77 of
+the backbone, merge 0.85, auto 0.87). Not refitted: that needs a per-strategy bandwidth
+measured per device.
 """
 
 from __future__ import annotations
