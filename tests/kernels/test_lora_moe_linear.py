@@ -380,6 +380,15 @@ def test_base_linear_layouts(lists, bias, weight, T):
     assert_close_to_reference(y, reference(x, W, b, A, B, idx, g, 1.5), reduction=37 + 2 * 8)
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_base_linear_long_rows(T):
+    """Rows of 4096 floats or more take the other prefetch pattern (same rows, further along)."""
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 4100, 20, 8, 4, 2, dtype=torch.float32, seed=T)
+    y = lora_moe_linear(x, W, b, A, B, idx, g, 1.5)
+    assert_close_to_reference(y, reference(x, W, b, A, B, idx, g, 1.5), reduction=4100 + 2 * 8)
+
+
 @pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
 def test_zero_outputs(lists):
     """out=0: an empty result (no row blocks to split), and a bad expert index still raises."""
