@@ -478,27 +478,28 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& idx, const at::Tensor& g, double scale, int64_t E, Stacked stacked,
                              Build factors) {
   const int64_t T = x.size(0), k = idx.size(1);
-  const bool adapter = T > 0 && k > 0 && scale != 0.0;
-  if (adapter && fused_base(x, weight, bias) && !use_gemms(T, k, E)) {
-    at::Tensor y = at::empty({T, weight.size(0)}, x.options());
-    const Base base{weight.const_data_ptr<float>(), weight.stride(0),
-                    bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
-    add_chosen_experts<float>(x.contiguous(), factors.template operator()<float>(), E, idx.contiguous(),
-                              g.to(at::kFloat).contiguous(), scale, y, &base);
-    return y;
-  }
-  at::Tensor y = at::linear(x, weight, bias);
-  if (!adapter) return y;
-  y = y.contiguous();
+  if (T == 0 || k == 0 || scale == 0.0) return at::linear(x, weight, bias);
   if (use_gemms(T, k, E)) {  // prefill: stacking experts held one tensor each is paid once for many tokens
+    at::Tensor y = at::linear(x, weight, bias).contiguous();
     const auto [A, B] = stacked();
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
     return y;
   }
+  // The loops: with the kernel's own base linear where it applies (float32 only), else after ATen's.
+  std::optional<Base> base;
+  at::Tensor y;
+  if (fused_base(x, weight, bias)) {
+    base = Base{weight.const_data_ptr<float>(), weight.stride(0),
+                bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
+    y = at::empty({T, weight.size(0)}, x.options());
+  } else {
+    y = at::linear(x, weight, bias).contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     add_chosen_experts<scalar_t>(x.contiguous(), factors.template operator()<scalar_t>(), E, idx.contiguous(),
-                                 g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y);
+                                 g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y,
+                                 base ? &*base : nullptr);
   });
   return y;
 }
