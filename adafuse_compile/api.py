@@ -12,6 +12,8 @@ import torch
 from .branches import skip_branches_when_compiling
 from .mixed_batches import MixedBatches
 from .options import AdafuseOptions
+from .runtime.module_guards import SETTINGS as MODULE_TAGS_SETTINGS
+from .runtime.module_guards import ModuleTagGuards
 
 __all__ = ["DYNAMO_SETTINGS", "compile", "refresh"]
 
@@ -52,24 +54,32 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
         options = {**options, "pregate": "exact"}  # the backend sees the new model's graphs only
     elif calibration is not None:
         raise ValueError("calibration= is only used with pregate='approximate'")
-    kwargs = dict(backend="adafuse", options=options or None, dynamic=dynamic, fullgraph=fullgraph, mode=mode)
+    tags = AdafuseOptions.from_dict(options).guards == "module-tags"
+    # torch.compile takes the guard filter out of the options before the backend sees them.
+    compile_options = {**options, "guard_filter_fn": ModuleTagGuards(model)} if tags else options
+    kwargs = dict(backend="adafuse", options=compile_options or None, dynamic=dynamic, fullgraph=fullgraph,
+                  mode=mode)
     if in_place:
-        model.forward = _with_settings(torch.compile(model.forward, **kwargs), model)
+        model.forward = _with_settings(torch.compile(model.forward, **kwargs), model, tags)
         return model
     compiled = torch.compile(model, **kwargs)
-    compiled.forward = _with_settings(compiled.forward, model)
+    compiled.forward = _with_settings(compiled.forward, model, tags)
     return compiled
 
 
-def _with_settings(forward: Callable, model: torch.nn.Module) -> Callable:
+def _with_settings(forward: Callable, model: torch.nn.Module, tags: bool) -> Callable:
     mixed = []  # PEFT LoRA models: the gated path, installed at the first mixed-adapter batch
     branches = []  # expert loops that skip empty experts: traceable copies, installed at the first call
+    # guards="module-tags": the filter turns tag skipping on per frame; the patch restores it after.
+    settings = {**DYNAMO_SETTINGS, **MODULE_TAGS_SETTINGS} if tags else DYNAMO_SETTINGS
+    installed = ModuleTagGuards.installed if tags else contextlib.nullcontext
 
     @functools.wraps(forward)
     def forward_with_settings(*args, **kwargs):
         if not branches:
             branches.append(skip_branches_when_compiling(model))
-        with torch._dynamo.config.patch(DYNAMO_SETTINGS), serving_mixed_batch(model, mixed, args, kwargs) as kwargs:
+        with torch._dynamo.config.patch(settings), installed(), \
+                serving_mixed_batch(model, mixed, args, kwargs) as kwargs:
             return forward(*args, **kwargs)
 
     return forward_with_settings

@@ -23,6 +23,7 @@ from .passes import (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass, H
 from .passes import GroupReport, SiteReport
 from .passes.hoist_routers import HoistedGroup
 from .passes.manager import DERIVED_INPUTS, KEEPALIVE, copy_graph
+from .runtime.module_guards import CheckedGraph, require_installed
 
 log = logging.getLogger("adafuse_compile")
 
@@ -160,6 +161,8 @@ def adafuse_backend(
         from .pregate import APPROXIMATE_NEEDS_MODEL
 
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
+    if opts.guards == "module-tags":
+        require_installed()
     try:
         rw = rewrite(gm, example_inputs, opts)
         compiled = compile_rewritten(rw, example_inputs, opts, mode)
@@ -172,7 +175,7 @@ def adafuse_backend(
         rw = Rewrite(gm, gm, [], [], [], [], [], error=f"{type(e).__name__}: {e}")
         compiled = compile_rewritten(rw, example_inputs, opts, mode)
     _publish(rw)
-    return compiled
+    return CheckedGraph(compiled) if opts.guards == "module-tags" else compiled
 
 
 def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> Rewrite:

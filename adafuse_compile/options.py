@@ -11,6 +11,7 @@ INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 LOWERINGS = ("auto", "op", "decomposed")
 STRATEGIES = ("auto", "fused", "merge")
 PREGATES = ("exact", "approximate")
+GUARDS = ("full", "module-tags")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ class AdafuseOptions:
     strategy: str = "fused"
     pregate: str = "exact"
     cpp_wrapper: bool = True
+    guards: str = "full"
 
     def __post_init__(self) -> None:
         if self.inner not in INNER_COMPILERS:
@@ -92,6 +94,8 @@ class AdafuseOptions:
                              "adafuse_compile.refresh() after such writes)")
         if self.pregate not in PREGATES:
             raise ValueError(f"option 'pregate' must be one of {PREGATES}, got {self.pregate!r}")
+        if self.guards not in GUARDS:
+            raise ValueError(f"option 'guards' must be one of {GUARDS}, got {self.guards!r}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> "AdafuseOptions":
