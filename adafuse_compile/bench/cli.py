@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..api import compile as adafuse_compile_model
 from ..backend import capture_rewrites
 from .report import format_table, machine_info, speed_targets, write_json, write_plot
 from .decoding import DecodeResult, GreedyDecoder, compare_to_reference
@@ -55,6 +56,10 @@ CONFIGS: tuple[Config, ...] = (
     Config("mole-eager", "MoLE eager", "mole", None),
     Config("mole-inductor", "MoLE inductor", "mole", "inductor"),
     Config("mole-fused", "MoLE adafuse fused", "mole", "adafuse", {"strategy": "fused"}),
+    # Dynamo skips the guards of unchanged module subtrees (runtime/module_guards.py): what the
+    # per-parameter guard tree of many-tensor models (MoLA style) costs is the difference.
+    Config("mole-tags", "MoLE adafuse module-tags", "mole", "adafuse", {"strategy": "fused", "guards": "module-tags"},
+           default=False),
     # The same under the freezing contract: stacked expert lists and routers cached (what the
     # sound default, reading every weight at every call, costs is the difference to mole-fused).
     Config("mole-frozen", "MoLE adafuse freeze", "mole", "adafuse", {"strategy": "fused", "freeze": True},
@@ -134,6 +139,8 @@ def compiled_forward(model: torch.nn.Module, cfg: Config, inner: str = "inductor
     if cfg.backend is None:
         return model.forward
     options = {**(cfg.options or {}), "inner": inner} if cfg.backend == "adafuse" else None
+    if options and options.get("guards") == "module-tags":  # installs the guard filter it needs
+        return adafuse_compile_model(model, dynamic=False, **options)
     return torch.compile(model.forward, backend=cfg.backend, dynamic=False, options=options)
 
 
