@@ -15,11 +15,11 @@ from .api import compile, refresh
 from .backend import adafuse_backend
 from .explain import ExplainReport, explain
 from .runtime.merge_state import MergedGroup
-from .runtime.module_guards import MetadataChangedError
+from .runtime.module_guards import ClassChangedError
 from .options import AdafuseOptions
 from .pregate import ApproximationReport, approximate_pregate
 
-__all__ = ["AdafuseOptions", "ApproximationReport", "ExplainReport", "MergedGroup", "MetadataChangedError",
+__all__ = ["AdafuseOptions", "ApproximationReport", "ClassChangedError", "ExplainReport", "MergedGroup",
            "adafuse_backend", "approximate_pregate", "compile", "explain", "kernels", "refresh"]
 __version__ = "0.1.0"
 

@@ -45,6 +45,10 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
     the token ids ``calibration`` if given), logs its report and compiles that new model, which
     holds the report as ``adafuse_pregate_report``; ``model`` is left as it was, so ``in_place``
     then applies to the new model, which is returned.
+
+    ``guards="module-tags"`` (opt-in) installs the guard filter and Dynamo settings of
+    :mod:`adafuse_compile.runtime.module_guards`: Dynamo skips unchanged module subtrees, which
+    models with many parameter tensors (one ``nn.Linear`` per expert) pay for at every call.
     """
     if AdafuseOptions.from_dict(options).pregate == "approximate":
         from .pregate import approximate_pregate

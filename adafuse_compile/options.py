@@ -67,6 +67,12 @@ class AdafuseOptions:
             costs compile time (medium models, cold: MoLA 66 s against 25 s without it and 54 s
             for plain Inductor; stacked 23 s against Inductor's 25 s). ``False``: Inductor's
             Python wrapper.
+        guards: ``"full"`` (default): Dynamo's guards as they are. ``"module-tags"``: Dynamo
+            skips the guards of module subtrees whose dicts are unchanged, with what that would
+            miss covered (:mod:`adafuse_compile.runtime.module_guards`); a module whose
+            ``__class__`` is reassigned then raises :class:`adafuse_compile.ClassChangedError`
+            once, and the next call recompiles. Only through :func:`adafuse_compile.compile`,
+            which installs the guard filter this needs.
     """
 
     inner: str = "inductor"

@@ -10,9 +10,10 @@ the medium backbone; with this setting 0.30 and 0.94 ms.
 Dynamo's ``use_recursive_dict_tags_for_guards`` skips a module's subtree while every dict in it
 (``__dict__``, ``_parameters``, ``_buffers``, ``_modules``, hook dicts, nested dicts of plain
 values) is the one it saw, unchanged: adding, removing or replacing a parameter, submodule, hook or
-attribute writes a dict, and ``eval()`` writes ``training``. Hooks are guarded in this mode, unlike
-Dynamo's default (``skip_nnmodule_hook_guards``), so a hook registered after compiling applies. What it would still miss, each
-checked with torch 2.13 in ``tests/runtime/test_module_guards.py``, and how this mode covers it:
+attribute writes a dict, and ``eval()`` writes ``training``. Hooks are guarded in this mode,
+unlike Dynamo's default (``skip_nnmodule_hook_guards``), so a hook registered after compiling
+applies. What the skip alone would miss, each checked with torch 2.13 in
+``tests/runtime/test_module_guards.py``, and how this mode covers it:
 
 - a tensor's metadata changed in place (``p.data = p.data.half()``, ``requires_grad_``): Dynamo
   still checks the subtree's tensors on its fast path (the tests pin that);
@@ -22,11 +23,12 @@ checked with torch 2.13 in ``tests/runtime/test_module_guards.py``, and how this
 - ``module.__class__ = Other``: each compiled graph, before it runs, checks the types of the
   objects Dynamo type-checked through a module (recorded by :class:`ModuleTagGuards`, a
   ``guard_filter_fn`` that keeps every guard), in one pass of C-level ``map``; on a change it
-  raises :class:`MetadataChangedError` before computing anything, after writing every module's
+  raises :class:`ClassChangedError` before computing anything, after writing every module's
   ``__dict__``, so that the next call runs Dynamo's full guards and recompiles;
-- a frame compiled without a graph of ours (nothing would run that check): the filter sets the
-  tag setting per frame, and Dynamo reads it after the filter (``CheckFunctionManager`` filters,
-  rebuilds, then finalizes the guards), so that frame keeps its full guards.
+- a frame cached without a graph of ours (Python side effects only: nothing would run that
+  check): the filter sets the tag setting per frame, and Dynamo reads it after the filter
+  (``CheckFunctionManager`` filters, rebuilds, then finalizes the guards), so such a frame keeps
+  its full guards. (A frame with nothing to run is not cached at all.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["SETTINGS", "CheckedGraph", "MetadataChangedError", "ModuleTagGuards", "TAGS_SETTING",
+__all__ = ["SETTINGS", "CheckedGraph", "ClassChangedError", "ModuleTagGuards", "TAGS_SETTING",
            "require_installed"]
 
 log = logging.getLogger("adafuse_compile")
@@ -62,8 +64,8 @@ _PENDING = threading.local()  # the graph the backend just compiled, until the f
 _INSTALLED = threading.local()  # a ModuleTagGuards filter is installed for the call in progress
 
 
-class MetadataChangedError(RuntimeError):
-    """An object a compiled graph was specialized on changed its class in place."""
+class ClassChangedError(RuntimeError):
+    """A module (or tensor) a compiled graph was specialized on had its ``__class__`` reassigned."""
 
 
 class CheckedGraph:
@@ -101,7 +103,7 @@ class CheckedGraph:
             for m in model.modules():  # every subtree's tag changes: the next call runs all guards
                 m.__dict__["_adafuse_invalidate"] = None
                 del m.__dict__["_adafuse_invalidate"]
-        raise MetadataChangedError(
+        raise ClassChangedError(
             f"adafuse (guards='module-tags'): {name} changed its class in place since this graph was "
             f"compiled ({expected.__qualname__} -> {actual.__qualname__}), which module tags do not see. "
             "Nothing was computed; call again to recompile, or compile without guards='module-tags' to have "

@@ -116,7 +116,7 @@ def test_class_changed_in_place_raises_once_then_recompiles():
     site = model.model.layers[1].self_attn.q_proj.base_layer
     assert type(site) is torch.nn.Linear
     site.__class__ = Tripled
-    with pytest.raises(adafuse_compile.MetadataChangedError, match=r"model\.layers\.1\.self_attn\.q_proj"):
+    with pytest.raises(adafuse_compile.ClassChangedError, match=r"model\.layers\.1\.self_attn\.q_proj"):
         run(compiled, ids)
     assert_matches_eager(compiled, model, ids)  # the new class, recompiled
 
