@@ -12,6 +12,11 @@ Two custom ops, so the choice is made at run time from the actual tokens (never 
 
 Both read their group's state from a registry by id (ops take no Python objects). The state is
 owned by the compiled graph that uses it; the registry holds it weakly.
+
+Both are tagged ``torch.Tag.cudagraph_unsafe``: their choice is Python run at every call (and
+``group_decide`` reads the decision on the host), which a CUDA graph would replay frozen. Under
+``mode="reduce-overhead"`` Inductor therefore runs them outside its CUDA graphs (it partitions
+the graph around them, or skips CUDA graphs for it and logs why), and each step decides anew.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _state(group: int):
     return state
 
 
-@torch.library.custom_op("adafuse::group_decide", mutates_args=())
+@torch.library.custom_op("adafuse::group_decide", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
 def group_decide(
     idx: torch.Tensor,
     g: torch.Tensor,
@@ -64,7 +69,7 @@ def _(idx, g, weights, As, Bs, scales, group):
     return idx.new_zeros((), dtype=torch.int8)
 
 
-@torch.library.custom_op("adafuse::group_site_linear", mutates_args=())
+@torch.library.custom_op("adafuse::group_site_linear", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
 def group_site_linear(
     x: torch.Tensor,
     W: torch.Tensor,

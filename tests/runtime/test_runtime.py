@@ -79,3 +79,20 @@ def test_auto_merges_once_the_decision_stops_changing():
     for i in range(40):
         changing.step(torch.tensor([[i % 4, (i + 1) % 4]]), torch.rand(1, 2), [W], [A], [B], [1.0])
         assert not changing.use_merged
+
+
+def test_switched_ops_stay_out_of_cuda_graphs_and_fused_ops_do_not():
+    """A CUDA graph would replay the merge-switch's per-step Python choice frozen: Inductor's own
+    predicate must call the switched ops unsafe (it then runs them outside its CUDA graphs), and
+    must leave the stateless fused ops capturable."""
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    def node_calling(op):
+        graph = torch.fx.Graph()
+        return graph.call_function(op, ())
+
+    ops = torch.ops.adafuse
+    for op in (ops.group_decide.default, ops.group_site_linear.default):
+        assert is_cudagraph_unsafe_fx_node(node_calling(op)), op
+    for op in (ops.lora_moe_linear.default, ops.lora_moe_linear_lists.default, ops.routed_lora_moe_linear.default):
+        assert not is_cudagraph_unsafe_fx_node(node_calling(op)), op
