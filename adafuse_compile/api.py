@@ -50,7 +50,8 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
     :mod:`adafuse_compile.runtime.module_guards`: Dynamo skips unchanged module subtrees, which
     models with many parameter tensors (one ``nn.Linear`` per expert) pay for at every call.
     """
-    if AdafuseOptions.from_dict(options).pregate == "approximate":
+    opts = AdafuseOptions.from_dict(options)
+    if opts.pregate == "approximate":
         from .pregate import approximate_pregate
 
         model, report = approximate_pregate(model, calibration)
@@ -58,7 +59,7 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
         options = {**options, "pregate": "exact"}  # the backend sees the new model's graphs only
     elif calibration is not None:
         raise ValueError("calibration= is only used with pregate='approximate'")
-    tags = AdafuseOptions.from_dict(options).guards == "module-tags"
+    tags = opts.guards == "module-tags"
     # torch.compile takes the guard filter out of the options before the backend sees them.
     compile_options = {**options, "guard_filter_fn": ModuleTagGuards(model)} if tags else options
     kwargs = dict(backend="adafuse", options=compile_options or None, dynamic=dynamic, fullgraph=fullgraph,
