@@ -38,10 +38,14 @@ def assert_matches_eager(compiled, model, ids):
     torch.testing.assert_close(run(compiled, ids), run(model, ids), rtol=1e-5, atol=1e-5)
 
 
-def tag_roots(model_cls) -> list[tuple[str, bool]]:
-    """(source, tag matching disabled) of every tag-safe root of the model's forward's guards."""
+def cache_entries(model_cls) -> list:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+    return _debug_get_cache_entry_list(model_cls.forward.__code__)
+
+
+def tag_roots(model_cls) -> list[tuple[str, bool]]:
+    """(source, tag matching disabled) of every tag-safe root of the model's forward's guards."""
     found = []
 
     def visit(node):
@@ -50,7 +54,7 @@ def tag_roots(model_cls) -> list[tuple[str, bool]]:
         for child in node.get_child_managers():
             visit(child)
 
-    for entry in _debug_get_cache_entry_list(model_cls.forward.__code__):
+    for entry in cache_entries(model_cls):
         visit(entry.guard_manager.root)
     return found
 
@@ -130,6 +134,7 @@ def test_tensor_changed_in_place_is_seen_by_dynamo(change):
     for _ in range(3):
         compiled(x)
     assert [r for r in tag_roots(Toy) if not r[1]], "the subtree must be on the fast path before the change"
+    graphs = len(cache_entries(Toy))
     lin = toy.out
     if change == "dtype":
         for p in toy.parameters():
@@ -141,8 +146,10 @@ def test_tensor_changed_in_place_is_seen_by_dynamo(change):
         lin.weight.data, lin.bias.data = torch.randn(4, 8), torch.randn(4)
     else:
         lin.weight.requires_grad_(False)
-    run_toy = compiled(x)
-    torch.testing.assert_close(run_toy, toy(x))
+    torch.testing.assert_close(compiled(x), toy(x))
+    # The graph runs torch ops on whatever tensors it gets, so the values alone would not show a
+    # missed guard: Dynamo must have recompiled for the new metadata.
+    assert len(cache_entries(Toy)) == graphs + 1
 
 
 def test_closure_cell_rebound():
