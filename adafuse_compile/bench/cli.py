@@ -11,6 +11,12 @@ reported. Exit status 1 when a configuration that must match does not.
 
     adafuse-bench [--size small|medium] [--batch 1,8] [--configs 'backbone-*,mole-*'] \\
                   [--json out.json] [--plot out.png] [--profile 'mole-fused']
+    adafuse-bench --device cuda --dtype bfloat16 --configs 'backbone-inductor*,mole-*,pregated-*'
+
+On CUDA each timed decode ends with a device synchronisation (the steps themselves never sync:
+tokens stay on the device), and the ``-cg`` configurations compile with
+``mode="reduce-overhead"`` (CUDA graphs). Outside float32, compiled code may round differently
+from eager, so tokens are compared but only their max logit difference is reported.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import fnmatch
+import functools
 import statistics
 import sys
 import time
@@ -26,7 +33,7 @@ import time
 import torch
 
 from ..api import compile as adafuse_compile_model
-from ..backend import capture_rewrites
+from ..backend import adafuse_backend, capture_rewrites
 from .report import format_table, machine_info, speed_targets, write_json, write_plot
 from .decoding import DecodeResult, GreedyDecoder, compare_to_reference
 from ..models import DEFAULT_TARGETS, add_lora_moe, add_pregated_lora_moe, tiny_llama
@@ -35,6 +42,7 @@ from .timing import interleaved_times, paired_ratio
 __all__ = ["CONFIGS", "Config", "main", "select_configs"]
 
 MOLE = dict(experts=8, top_k=2, rank=8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Config:
     options: dict | None = None
     exact: bool = True  # must choose the reference's tokens (False: rounding may differ)
     default: bool = True
+    mode: str | None = None  # torch.compile's mode ("reduce-overhead": CUDA graphs)
 
 
 CONFIGS: tuple[Config, ...] = (
@@ -84,6 +93,15 @@ CONFIGS: tuple[Config, ...] = (
     # The cost model's run-time guard picks fused or merged per step.
     Config("pregated-auto", "pre-gated adafuse auto", "pregated", "adafuse", {"strategy": "auto", "freeze": True},
            exact=False, default=False),
+    # CUDA graphs (mode="reduce-overhead"; on a CPU Inductor skips them and these equal the above).
+    Config("backbone-inductor-cg", "backbone inductor + CUDA graphs", "backbone", "inductor", default=False,
+           mode="reduce-overhead"),
+    Config("mole-fused-cg", "MoLE adafuse fused + CUDA graphs", "mole", "adafuse", {"strategy": "fused"},
+           default=False, mode="reduce-overhead"),
+    Config("pregated-fused-cg", "pre-gated adafuse fused + CUDA graphs", "pregated", "adafuse", {"strategy": "fused"},
+           default=False, mode="reduce-overhead"),
+    Config("pregated-merge-cg", "pre-gated adafuse merge + CUDA graphs", "pregated", "adafuse",
+           {"strategy": "merge", "freeze": True}, exact=False, default=False, mode="reduce-overhead"),
 )
 
 
@@ -140,8 +158,11 @@ def compiled_forward(model: torch.nn.Module, cfg: Config, inner: str = "inductor
         return model.forward
     options = {**(cfg.options or {}), "inner": inner} if cfg.backend == "adafuse" else None
     if options and options.get("guards") == "module-tags":  # installs the guard filter it needs
-        return adafuse_compile_model(model, dynamic=False, **options)
-    return torch.compile(model.forward, backend=cfg.backend, dynamic=False, options=options)
+        return adafuse_compile_model(model, dynamic=False, mode=cfg.mode, **options)
+    if options and cfg.mode:  # torch.compile takes options or a mode, not both: the mode goes to our backend
+        return torch.compile(model.forward, backend=functools.partial(adafuse_backend, mode=cfg.mode), dynamic=False,
+                             options=options)
+    return torch.compile(model.forward, backend=cfg.backend, dynamic=False, options=options, mode=cfg.mode)
 
 
 class Progress:
@@ -186,7 +207,8 @@ def prepare(cfg: Config, model, forward, prompt, new_tokens: int, reference: Dec
     compile_s = max(0.0, (t1 - t0) - (time.perf_counter() - t1))
     check = None
     if reference is not None:
-        check = {**compare_to_reference(first, reference), "exact_required": cfg.exact}
+        exact = cfg.exact and first.logits.dtype == torch.float32  # logits keep the model's dtype
+        check = {**compare_to_reference(first, reference), "exact_required": exact}
     return decoder, first, compile_s, site_counts(rewrites), check
 
 
@@ -216,7 +238,7 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
     """Prepare every configuration for one batch size, then time them interleaved."""
     gen = torch.Generator().manual_seed(args.seed)
     vocab = next(iter(models.values())).config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, args.prompt), generator=gen)
+    prompt = torch.randint(0, vocab, (batch, args.prompt), generator=gen).to(args.device)
     decoders, refs, rows = {}, {}, []
     bar = Progress(len(configs), f"batch {batch}: compile+check")
     for cfg in configs:
@@ -237,6 +259,8 @@ def run_batch(batch: int, configs: list[Config], models: dict, forwards: dict, a
     def ticking(fn):
         def call():
             fn()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             bar.update()
         return call
 
@@ -287,6 +311,8 @@ def parse_args(argv):
     ap.add_argument("--configs", help="comma-separated glob patterns over configuration keys, or 'all'")
     ap.add_argument("--inner", default="inductor", choices=["inductor", "eager", "aot_eager"],
                     help="compiler after the adafuse passes (eager: a quick functional check, not a speed test)")
+    ap.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the models' dtype")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0, help="prompt seed")
     ap.add_argument("--cold", action="store_true",
@@ -312,8 +338,14 @@ def describe(args, model_config) -> str:
     inner = "" if args.inner == "inductor" else f", adafuse inner={args.inner}"
     return (f"{what} (hidden {model_config.hidden_size}, {model_config.num_hidden_layers} layers), MoLE on all 7 "
             f"projections (E=8, k=2, r=8, {args.style}){inner}; prompt {args.prompt}, {args.new} greedy decode steps, "
-            f"static KV cache, fp32, median of {args.repeats}, {'cold' if args.cold else 'cached'} compiles; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_info()['cpu']}")
+            f"static KV cache, {args.dtype}, median of {args.repeats}, {'cold' if args.cold else 'cached'} compiles; "
+            f"torch {torch.__version__}, {device_name(args.device)}")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{torch.get_num_threads()} threads, {machine_info()['cpu']}"
 
 
 def configure_torch(args, compiled_graphs: int) -> None:
@@ -336,7 +368,10 @@ def main(argv=None) -> int:
             raise SystemExit("--plot needs matplotlib: pip install 'adafuse-compile[plot]'") from None
     configs = select_configs(args.configs)
     configure_torch(args, sum(c.backend is not None for c in configs) * len(args.batches))
-    models = {k: build_model(k, args.size, args.model, args.style) for k in dict.fromkeys(c.model for c in configs)}
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+    models = {k: build_model(k, args.size, args.model, args.style).to(args.device, DTYPES[args.dtype])
+              for k in dict.fromkeys(c.model for c in configs)}
     header = describe(args, next(iter(models.values())).config)
     print(header.split(";")[0], file=sys.stderr, flush=True)
     forwards = {c.key: compiled_forward(models[c.model], c, args.inner) for c in configs}
@@ -351,7 +386,7 @@ def main(argv=None) -> int:
         write_json(args.json, {
             "machine": {**machine_info(), "load_avg_1m_at_start": load_at_start},
             "settings": {k: getattr(args, k) for k in ("size", "model", "style", "batches", "prompt", "new",
-                                                        "repeats", "seed", "cold", "inner")},
+                                                        "repeats", "seed", "cold", "inner", "device", "dtype")},
             "configs": [dataclasses.asdict(c) for c in configs],
             "results": results, "targets": targets,
             "profiles": [{"config": k, "batch": b, "top": v} for (k, b), v in profiles.items()],

@@ -43,9 +43,10 @@ class GreedyDecoder:
         length = prompt.shape[1]
         self.cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
         # One tensor per position, made once: the timed loop allocates nothing of its own.
-        self.positions = [torch.tensor([length + i]) for i in range(new_tokens)]
+        self.positions = [torch.tensor([length + i], device=prompt.device) for i in range(new_tokens)]
         with torch.inference_mode():
-            out = model(prompt, past_key_values=self.cache, cache_position=torch.arange(length), use_cache=True)
+            out = model(prompt, past_key_values=self.cache, cache_position=torch.arange(length, device=prompt.device),
+                        use_cache=True)
             # The token the prompt predicts. Made in inference mode like every later step's
             # token: a normal tensor has another dispatch key set, and Dynamo would recompile.
             self.first = out.logits[:, -1].argmax(-1, keepdim=True)

@@ -129,6 +129,19 @@ def test_mode_is_passed_to_inductor():
     torch.testing.assert_close(f(x), m(x))
 
 
+def test_compile_takes_a_mode_and_options_together(monkeypatch):
+    """torch.compile refuses mode= with options=; adafuse_compile.compile hands the mode to the
+    backend itself, so CUDA graphs (mode="reduce-overhead") combine with any strategy."""
+    torch._dynamo.reset()
+    seen = []
+    monkeypatch.setattr("torch._inductor.list_mode_options", lambda mode=None, dynamic=None: seen.append(mode) or {})
+    m = TinyNet()
+    x = torch.randn(5, 12)
+    f = adafuse_compile.compile(m, mode="max-autotune-no-cudagraphs", strict=True)
+    torch.testing.assert_close(f(x), m(x))
+    assert seen == ["max-autotune-no-cudagraphs"]
+
+
 def test_cpp_wrapper_option_compiles_fused_sites_with_inductors_cpp_wrapper(caplog, monkeypatch):
     """``cpp_wrapper=True``: the rewritten graph goes through Inductor's C++ wrapper (the fused
     ops called from C++), with eager's output and no fallback to the Python wrapper."""

@@ -61,6 +61,20 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
         assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_cli_other_dtype_and_cuda_graph_configurations(tmp_path):
+    """--dtype bfloat16 and a "+ CUDA graphs" configuration (mode="reduce-overhead" reaches the
+    backend with its options; on a CPU Inductor skips the graphs): tokens compared, not required."""
+    argv = ["-m", "adafuse_compile.bench", "--size", "tiny", "--batch", "1", "--new", "2", "--repeats", "1",
+            "--dtype", "bfloat16", "--configs", "pregated-eager,pregated-merge-cg", "--inner", "eager",
+            "--json", tmp_path / "out.json"]
+    out = _run(*argv)
+    assert "bfloat16" in out and "pre-gated adafuse merge + CUDA graphs" in out
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["settings"]["dtype"] == "bfloat16" and data["settings"]["device"] == "cpu"
+    (row,) = [r for r in data["results"] if r["config"] == "pregated-merge-cg"]
+    assert row["sites"]["group"] == 1 and row["check"]["exact_required"] is False
+
+
 def test_bench_rejects_unknown_configurations():
     out = subprocess.run([sys.executable, "-m", "adafuse_compile.bench", "--configs", "nope*"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
