@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backend import adafuse_backend
+from .backend import backend_with_mode
 from .branches import skip_branches_when_compiling
 from .mixed_batches import MixedBatches
 from .options import AdafuseOptions
@@ -63,9 +63,8 @@ def compile(model: torch.nn.Module, *, in_place: bool = False, dynamic: bool | N
     tags = opts.guards == "module-tags"
     # torch.compile takes the guard filter out of the options before the backend sees them.
     compile_options = {**options, "guard_filter_fn": ModuleTagGuards(model)} if tags else options
-    # torch.compile takes options or a mode, not both: a mode goes to the backend itself.
-    backend = "adafuse" if mode is None else functools.partial(adafuse_backend, mode=mode)
-    kwargs = dict(backend=backend, options=compile_options or None, dynamic=dynamic, fullgraph=fullgraph)
+    kwargs = dict(backend=backend_with_mode(mode), options=compile_options or None, dynamic=dynamic,
+                  fullgraph=fullgraph)
     if in_place:
         model.forward = _with_settings(torch.compile(model.forward, **kwargs), model, tags)
         return model

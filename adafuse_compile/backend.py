@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Any, Callable, Mapping
@@ -27,8 +28,8 @@ from .runtime.module_guards import CheckedGraph, require_installed
 
 log = logging.getLogger("adafuse_compile")
 
-__all__ = ["Rewrite", "adafuse_backend", "ambient_options", "build_pass_manager", "capture_rewrites", "compile_rewritten",
-           "rewrite"]
+__all__ = ["Rewrite", "adafuse_backend", "ambient_options", "backend_with_mode", "build_pass_manager", "capture_rewrites",
+           "compile_rewritten", "rewrite"]
 
 
 @dataclasses.dataclass
@@ -176,6 +177,12 @@ def adafuse_backend(
         compiled = compile_rewritten(rw, example_inputs, opts, mode)
     _publish(rw)
     return CheckedGraph(compiled) if opts.guards == "module-tags" else compiled
+
+
+def backend_with_mode(mode: str | None):
+    """``backend=`` for ``torch.compile(..., options=...)`` with Inductor's ``mode``: torch.compile
+    refuses ``mode=`` together with ``options=``, so the mode goes to :func:`adafuse_backend` itself."""
+    return "adafuse" if mode is None else functools.partial(adafuse_backend, mode=mode)
 
 
 def rewrite(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: AdafuseOptions) -> Rewrite:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import logging
 import statistics
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adafuse_compile  # noqa: E402  (registers the backend)
-from adafuse_compile import adafuse_backend  # noqa: E402
+from adafuse_compile.backend import backend_with_mode  # noqa: E402
 from adafuse_compile.kernels import lora_moe_linear  # noqa: E402
 from adafuse_compile.kernels.reference import lora_moe_linear_ref  # noqa: E402
 from adafuse_compile.models import add_lora_moe, add_pregated_lora_moe, tiny_llama  # noqa: E402
@@ -141,9 +140,8 @@ def main(argv=None) -> dict:
                 options = {k: v for k, v in how.items() if k != "cudagraphs"}
                 if args.smoke:
                     options["inner"] = "eager"
-                # torch.compile takes options or a mode, not both: the mode goes to the backend.
                 mode = "reduce-overhead" if how.get("cudagraphs") else None
-                fn = torch.compile(step, backend=functools.partial(adafuse_backend, mode=mode), options=options or None)
+                fn = torch.compile(step, backend=backend_with_mode(mode), options=options or None)
             for b in batches:
                 t0 = time.time()
                 with torch.inference_mode():

@@ -25,7 +25,6 @@ import argparse
 import collections
 import dataclasses
 import fnmatch
-import functools
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import time
 import torch
 
 from ..api import compile as adafuse_compile_model
-from ..backend import adafuse_backend, capture_rewrites
+from ..backend import backend_with_mode, capture_rewrites
 from .report import format_table, machine_info, speed_targets, write_json, write_plot
 from .decoding import DecodeResult, GreedyDecoder, compare_to_reference
 from ..models import DEFAULT_TARGETS, add_lora_moe, add_pregated_lora_moe, tiny_llama
@@ -156,13 +155,12 @@ def compiled_forward(model: torch.nn.Module, cfg: Config, inner: str = "inductor
     with static shapes (each batch size gets its own graph, as a serving engine would)."""
     if cfg.backend is None:
         return model.forward
-    options = {**(cfg.options or {}), "inner": inner} if cfg.backend == "adafuse" else None
-    if options and options.get("guards") == "module-tags":  # installs the guard filter it needs
+    if cfg.backend != "adafuse":
+        return torch.compile(model.forward, backend=cfg.backend, dynamic=False, mode=cfg.mode)
+    options = {**(cfg.options or {}), "inner": inner}
+    if options.get("guards") == "module-tags":  # installs the guard filter it needs
         return adafuse_compile_model(model, dynamic=False, mode=cfg.mode, **options)
-    if options and cfg.mode:  # torch.compile takes options or a mode, not both: the mode goes to our backend
-        return torch.compile(model.forward, backend=functools.partial(adafuse_backend, mode=cfg.mode), dynamic=False,
-                             options=options)
-    return torch.compile(model.forward, backend=cfg.backend, dynamic=False, options=options, mode=cfg.mode)
+    return torch.compile(model.forward, backend=backend_with_mode(cfg.mode), dynamic=False, options=options)
 
 
 class Progress:

@@ -142,7 +142,6 @@ class ModuleTagGuards:
         setattr(torch._dynamo.config, TAGS_SETTING, checked is not None)
         return [True] * len(entries)
 
-
     @staticmethod
     def _checked(entries) -> tuple[list, list, list] | None:
         """Weak references, classes and names of the objects to type-check; ``None`` if one
