@@ -10,8 +10,10 @@ first CUDA device when there is one: a Llama-2-7B-wide model (hidden 4096, inter
 32 heads, vocab 32000) cut to ``--layers`` layers, bf16, MoLE on all 7 projections (E=8, k=2,
 r=8). The step is ``model(ids [batch, 1], use_cache=False)`` under ``torch.inference_mode()``;
 configurations run round-robin (CUDA-event timing), each the median of its rounds; ratios are to
-the fastest backbone. Every configuration's logits are compared with its eager model's, and
-``explain`` says how many sites fused on the device. Compiles stop after ``--budget`` seconds
+the fastest backbone. Every configuration's logits are compared with its eager model's, and its
+compile's rewrites say how many sites fused on the device. Before that, one adapted linear is
+timed against its base linear alone under CUDA-graph replay (``time_sites``), and ``--profile``
+lists each named configuration's kernels per step. Compiles stop after ``--budget`` seconds
 (then what compiled is timed), so the whole run fits in the device time a session has.
 Everything lands in ``DIR/gpu_check.json``, also on failure, step by step.
 """
@@ -29,12 +31,15 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import adafuse_compile  # noqa: E402  (registers the backend)
-from adafuse_compile.backend import backend_with_mode  # noqa: E402
-from adafuse_compile.kernels import lora_moe_linear  # noqa: E402
-from adafuse_compile.kernels.reference import lora_moe_linear_ref  # noqa: E402
+import adafuse_compile  # noqa: E402, F401  (registers the backend)
+from adafuse_compile.backend import backend_with_mode, capture_rewrites  # noqa: E402
+from adafuse_compile.kernels import lora_moe_linear, lora_moe_linear_lists, routed_lora_moe_linear  # noqa: E402
+from adafuse_compile.kernels.reference import lora_moe_linear_ref, topk_route  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
 from adafuse_compile.models import add_lora_moe, add_pregated_lora_moe, tiny_llama  # noqa: E402
 
 WIDE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -44,7 +49,7 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_ke
 PLAN = [
     ("base-eager", "base", None), ("mole-eager", "mole", None), ("pregated-eager", "pregated", None),
     ("base-inductor", "base", "inductor"), ("base-inductor-cg", "base", "inductor-cg"),
-    ("mole-inductor", "mole", "inductor"), ("mole-adafuse", "mole", {}),
+    ("mole-inductor", "mole", "inductor"), ("mole-inductor-cg", "mole", "inductor-cg"), ("mole-adafuse", "mole", {}),
     ("mole-adafuse-cg", "mole", {"cudagraphs": True}), ("pregated-adafuse", "pregated", {}),
     ("pregated-adafuse-cg", "pregated", {"cudagraphs": True}),
     ("pregated-adafuse-merge", "pregated", {"strategy": "merge", "freeze": True}),
@@ -87,6 +92,121 @@ def check_kernels(device, dtype, smoke: bool) -> list[dict]:
     return rows
 
 
+# (in, out, r) of the site timing: Llama-2-7B's projections (attention, MLP up/gate, MLP down)
+SITE_SHAPES = [(4096, 4096, 8), (4096, 11008, 8), (11008, 4096, 8), (4096, 4096, 64)]
+
+
+def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
+    """One adapted linear against its base linear alone, us per call (issue 13: a fused site
+    within 10% of the base linear at decode). ``graph_us``: on CUDA, 32 calls captured in one
+    CUDA graph, cycling through 8 weight sets (more bytes than the L2, as in a model), replayed:
+    the kernels' time without launch cost. ``eager_us``: wall time per call, uncaptured.
+
+    ``fused``/``fused-lists``: ``adafuse::lora_moe_linear`` with a given decision (stacked or
+    per-expert experts); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
+    ``routed``: ``adafuse::routed_lora_moe_linear``, router included (per-layer-routed sites).
+    """
+    shapes = [(40, 72, 4)] if smoke else SITE_SHAPES
+    E, k, sets = 8, 2, 2 if smoke else 8
+    rows = []
+    for in_f, out_f, r in shapes:
+        for T in tokens:
+            def mk(*shape, s=1.0):
+                return (torch.randn(*shape, device=device) * s).to(dtype)
+            ws = [dict(W=mk(out_f, in_f, s=in_f ** -0.5), A=mk(E, r, in_f, s=in_f ** -0.5),
+                       B=mk(E, out_f, r, s=r ** -0.5), R=mk(E, in_f, s=in_f ** -0.5)) for _ in range(sets)]
+            for w in ws:
+                w["As"], w["Bs"] = list(w["A"].unbind(0)), list(w["B"].unbind(0))
+            x = mk(T, in_f)
+            idx = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(T)])
+            g = torch.softmax(torch.randn(T, k, device=device), -1).to(dtype)
+            fns = {
+                "linear": lambda w: F.linear(x, w["W"]),
+                "fused": lambda w: lora_moe_linear(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
+                "fused-lists": lambda w: lora_moe_linear_lists(x, w["W"], None, w["As"], w["Bs"], idx, g, 2.0),
+                "route": lambda w: topk_route(x, w["R"], None, k=k, softmax_first=True, renorm=True),
+                "routed": lambda w: routed_lora_moe_linear(x, w["W"], None, x, w["R"], None, w["As"], w["Bs"], k=k,
+                                                           softmax_first=True, renorm=True, scale=2.0),
+            }
+            row = {"T": T, "in": in_f, "out": out_f, "E": E, "k": k, "r": r}
+            for name, fn in fns.items():
+                try:
+                    row[name] = {"graph_us": _graph_us(fn, ws, device), "eager_us": _eager_us(fn, ws, device)}
+                except Exception as e:
+                    row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rows.append(row)
+            base = row["linear"].get("graph_us") or row["linear"].get("eager_us")
+            print(f"site T={T} {in_f}x{out_f} r={r}: " + ", ".join(
+                f"{n} {v['graph_us'] or v['eager_us']:.1f} us ({(v['graph_us'] or v['eager_us']) / base:.2f}x, "
+                f"eager {v['eager_us']:.1f})" if "error" not in v else f"{n} ERROR {v['error']}"
+                for n, v in row.items() if isinstance(v, dict)), flush=True)
+    return rows
+
+
+def _graph_us(fn, ws, device: str, calls: int = 32, replays: int = 10) -> float | None:
+    if device != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS handles) outside the capture
+        for w in ws:
+            fn(w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(ws[i % len(ws)])
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def _eager_us(fn, ws, device: str, calls: int = 64) -> float:
+    for w in ws:
+        fn(w)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(ws[i % len(ws)])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def profile_steps(fns: dict, ids, device: str, steps: int = 3, top: int = 12) -> dict:
+    """Per configuration: device kernels per step, their summed time, and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    out = {}
+    for name, fn in fns.items():
+        with torch.inference_mode():
+            fn(ids)
+            with profile(activities=acts) as prof:
+                for _ in range(steps):
+                    fn(ids)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        kernels: dict[str, list[float]] = {}
+        for e in prof.events():
+            if device == "cpu" or e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        total = {n: sum(v) / steps for n, v in kernels.items()}
+        out[name] = {"kernels_per_step": sum(map(len, kernels.values())) / steps,
+                     "kernel_us_per_step": round(sum(total.values()), 1),
+                     "top": [(n[:90], len(kernels[n]) / steps, round(t, 1))
+                             for n, t in sorted(total.items(), key=lambda kv: -kv[1])[:top]]}
+        print(f"profile {name}: {out[name]['kernels_per_step']:.0f} events/step, "
+              f"{out[name]['kernel_us_per_step']} us/step; top {out[name]['top'][:6]}", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, adafuse with inner eager")
@@ -95,6 +215,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budget", type=float, default=300, help="seconds of compiling, then time what compiled")
     parser.add_argument("--configs", default="", help="comma-separated subset of the plan's names")
+    parser.add_argument("--parts", default="kernels,sites,decode", help="which of kernels,sites,decode to run")
+    parser.add_argument("--profile", default="", help="comma-separated configurations to profile after timing")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -102,15 +224,21 @@ def main(argv=None) -> dict:
     out = Path(args.out) / "gpu_check.json"
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "size": size, "dtype": str(dtype), "kernels": [], "rows": {}, "check": {}, "compile_s": {}, "sites": {},
-           "cudagraph_skips": {}, "errors": {}}
+           "cudagraph_skips": {}, "site_timing": [], "profile": {}, "errors": {}}
     save = lambda: out.write_text(json.dumps(res, indent=1))  # noqa: E731
     start = time.time()
     print(res["device"], torch.__version__, size, dtype, flush=True)
-    try:
-        res["kernels"] = check_kernels(device, dtype, args.smoke)
-    except Exception as e:
-        res["errors"]["kernels"] = f"{type(e).__name__}: {e}"
-    save()
+    parts = set(args.parts.split(","))
+    for part, key, run in (("kernels", "kernels", check_kernels), ("sites", "site_timing", time_sites)):
+        if part in parts:
+            try:
+                res[key] = run(device, dtype, args.smoke)
+            except Exception as e:
+                res["errors"][part] = f"{type(e).__name__}: {e}"
+                traceback.print_exc(limit=3)
+            save()
+    if "decode" not in parts:
+        return res
     base = tiny_llama("tiny", seed=0, **size).to(device)
     models = {"base": base.to(dtype).eval()}
     models["mole"] = add_lora_moe(copy.deepcopy(base), experts=8, top_k=2, rank=8).to(dtype).eval()
@@ -126,6 +254,8 @@ def main(argv=None) -> dict:
     torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 64
     skips = _Skips()
     logging.getLogger("torch._inductor").addHandler(skips)
+    if device == "cuda":
+        torch._logging.set_logs(cudagraphs=True)  # Inductor's "skipping cudagraphs" reasons reach the handler
     fns = {}
     for name, kind, how in plan:
         model = models[kind]
@@ -142,21 +272,29 @@ def main(argv=None) -> dict:
                     options["inner"] = "eager"
                 mode = "reduce-overhead" if how.get("cudagraphs") else None
                 fn = torch.compile(step, backend=backend_with_mode(mode), options=options or None)
+            skipped = counters["inductor"]["cudagraph_skips"]
             for b in batches:
                 t0 = time.time()
-                with torch.inference_mode():
+                with torch.inference_mode(), capture_rewrites() as rewrites:
                     got = [fn(ids[b]) for _ in range(3)][-1].float()
                     ref = step(ids[b]).float()
+                if isinstance(how, dict):  # the sites of this compile, as the passes left them
+                    sites = [s for rw in rewrites for s in rw.sites]
+                    res["sites"][f"{name}/b{b}"] = {
+                        "fused": sum(s.status == "fused" for s in sites), "left": sum(s.status == "left" for s in sites),
+                        "reasons left": sorted({s.reason for s in sites if s.status == "left"})[:3]}
                 if device == "cuda":
                     torch.cuda.synchronize()
                 res["compile_s"][f"{name}/b{b}"] = round(time.time() - t0, 1)
                 res["check"][f"{name}/b{b}"] = {"max_abs_dlogit": (got - ref).abs().max().item(),
                                                  "argmax_agree": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
-            res["cudagraph_skips"][name] = list(skips.messages)
+            res["cudagraph_skips"][name] = {"count": counters["inductor"]["cudagraph_skips"] - skipped,
+                                            "messages": list(skips.messages)}
             fns[name] = fn
             print(f"{name}: compile {[res['compile_s'][f'{name}/b{b}'] for b in batches]} s, "
                   f"check {[res['check'][f'{name}/b{b}'] for b in batches]}, "
-                  f"cudagraph skips {len(skips.messages)}", flush=True)
+                  f"sites {[res['sites'].get(f'{name}/b{b}') for b in batches]}, "
+                  f"cudagraph skips {res['cudagraph_skips'][name]}", flush=True)
         except Exception as e:
             res["errors"][name] = f"{type(e).__name__}: {str(e)[:600]}"
             print(f"{name}: ERROR {res['errors'][name]}", flush=True)
@@ -180,15 +318,8 @@ def main(argv=None) -> dict:
         for n, v in med.items():
             print(f"  {n:28s} {v:9.3f} ms  {v / fastest if fastest else float('nan'):6.2f}x", flush=True)
         save()
-    # explain resets Dynamo, so it runs after the timing: how many sites fused on the device
-    for name, kind, how in plan:
-        if isinstance(how, dict) and name in fns:
-            options = {k: v for k, v in how.items() if k != "cudagraphs"}
-            with torch.inference_mode():
-                report = adafuse_compile.explain(models[kind], ids[batches[0]], options=options)
-            res["sites"][name] = {"fused": report.count("fused"), "left": report.count("left"),
-                                  "reasons left": sorted({s.reason for s in report.sites if s.status == "left"})[:3]}
-            print(f"{name}: sites {res['sites'][name]}", flush=True)
+    if args.profile:
+        res["profile"] = profile_steps({n: fns[n] for n in args.profile.split(",") if n in fns}, ids[batches[0]], device)
     save()
     print(f"done in {time.time() - start:.0f} s; {out}", flush=True)
     return res

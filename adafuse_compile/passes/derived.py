@@ -67,5 +67,9 @@ def add_derived_input(gm: fx.GraphModule, derived: DerivedInput, name: str, like
         node = gm.graph.placeholder(name)
     if like is not None:  # shape and dtype only: Dynamo reads "grapharg" to know what it passes
         node.meta.update({k: v for k, v in like.meta.items() if k in ("example_value", "val")})
+    # A static input for Inductor's CUDA graphs, as Dynamo marks parameters: the cached value keeps
+    # its address while its sources are unchanged, so a graph replays without copying it in (and
+    # is re-recorded when it changes). Unmarked, every replay copied it.
+    node.meta.setdefault("tensor_dict", {})["_dynamo_static_input_type"] = "unguarded"
     gm.meta.setdefault(DERIVED_INPUTS, []).append(derived)
     return node

@@ -49,7 +49,7 @@ def _state(group: int):
     return state
 
 
-@torch.library.custom_op("adafuse::group_decide", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
+@torch.library.custom_op("adafuse::group_decide", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def group_decide(
     idx: torch.Tensor,
     g: torch.Tensor,
@@ -69,7 +69,7 @@ def _(idx, g, weights, As, Bs, scales, group):
     return idx.new_zeros((), dtype=torch.int8)
 
 
-@torch.library.custom_op("adafuse::group_site_linear", mutates_args=(), tags=torch.Tag.cudagraph_unsafe)
+@torch.library.custom_op("adafuse::group_site_linear", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def group_site_linear(
     x: torch.Tensor,
     W: torch.Tensor,
