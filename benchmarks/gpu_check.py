@@ -83,12 +83,22 @@ def check_kernels(device, dtype, smoke: bool) -> list[dict]:
         B = torch.randn(E, d_out, r, generator=gen) / r ** 0.5
         idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
         g = torch.softmax(torch.randn(T, k, generator=gen), -1)
-        ref = lora_moe_linear_ref(x.double(), W.double(), None, A.double(), B.double(), idx, g.double(), 2.0)
         on = [t.to(device=device, dtype=dtype) for t in (x, W, A, B)]
-        got = lora_moe_linear(on[0], on[1], None, on[2], on[3], idx.to(device), g.to(device, dtype), 2.0)
-        err = ((got.double().cpu() - ref).abs().max() / ref.abs().max()).item()
-        rows.append({"T": T, "in": d_in, "out": d_out, "E": E, "k": k, "r": r, "max_rel_err": err})
-        print(f"kernel T={T} {d_in}x{d_out} E={E} k={k} r={r}: max error {err:.2e} of max |y|", flush=True)
+        idx_d, g_d = idx.to(device), g.to(device, dtype)
+        ref = lora_moe_linear_ref(*(t.double().cpu() for t in (on[0], on[1])), None,
+                                  *(t.double().cpu() for t in (on[2], on[3])), idx, g_d.double().cpu(), 2.0)
+        runs = {"op": lambda: lora_moe_linear(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)}
+        if device == "cuda":  # each path of the Triton kernels, where it takes the call
+            from adafuse_compile.kernels.lora_moe_linear_triton import PATHS, fits_one_pass, lora_moe_linear_triton
+
+            for path in PATHS:
+                if path != "one-pass" or fits_one_pass(on[0], on[1], None, on[2], on[3], idx_d, g_d):
+                    runs[path] = lambda path=path: lora_moe_linear_triton(on[0], on[1], None, on[2], on[3], idx_d,
+                                                                          g_d, 2.0, path=path)
+        for name, run in runs.items():
+            err = ((run().double().cpu() - ref).abs().max() / ref.abs().max()).item()
+            rows.append({"T": T, "in": d_in, "out": d_out, "E": E, "k": k, "r": r, "path": name, "max_rel_err": err})
+            print(f"kernel {name} T={T} {d_in}x{d_out} E={E} k={k} r={r}: max error {err:.2e} of max |y|", flush=True)
     return rows
 
 
@@ -103,11 +113,14 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
     the kernels' time without launch cost. ``eager_us``: wall time per call, uncaptured.
 
     ``fused``/``fused-lists``: ``adafuse::lora_moe_linear`` with a given decision (stacked or
-    per-expert experts); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
+    per-expert experts), on CUDA also each of its paths forced (``fused-one-pass``: base and
+    expand in one kernel after the shrink; ``fused-three-launch``: cuBLAS, shrink, expand); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
     ``routed``: ``adafuse::routed_lora_moe_linear``, router included (per-layer-routed sites).
     """
     shapes = [(40, 72, 4)] if smoke else SITE_SHAPES
     E, k, sets = 8, 2, 2 if smoke else 8
+    if device == "cuda":
+        from adafuse_compile.kernels.lora_moe_linear_triton import PATHS, lora_moe_linear_triton
     rows = []
     for in_f, out_f, r in shapes:
         for T in tokens:
@@ -124,6 +137,8 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
                 "linear": lambda w: F.linear(x, w["W"]),
                 "fused": lambda w: lora_moe_linear(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
                 "fused-lists": lambda w: lora_moe_linear_lists(x, w["W"], None, w["As"], w["Bs"], idx, g, 2.0),
+                **({f"fused-{path}": lambda w, path=path: lora_moe_linear_triton(
+                    x, w["W"], None, w["A"], w["B"], idx, g, 2.0, path=path) for path in PATHS} if device == "cuda" else {}),
                 "route": lambda w: topk_route(x, w["R"], None, k=k, softmax_first=True, renorm=True),
                 "routed": lambda w: routed_lora_moe_linear(x, w["W"], None, x, w["R"], None, w["As"], w["Bs"], k=k,
                                                            softmax_first=True, renorm=True, scale=2.0),
@@ -225,7 +240,12 @@ def main(argv=None) -> dict:
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "size": size, "dtype": str(dtype), "kernels": [], "rows": {}, "check": {}, "compile_s": {}, "sites": {},
            "cudagraph_skips": {}, "site_timing": [], "profile": {}, "errors": {}}
-    save = lambda: out.write_text(json.dumps(res, indent=1))  # noqa: E731
+    def save():
+        if device == "cuda":  # which path each kernel shape took, as measured on this device
+            from adafuse_compile.kernels.lora_moe_linear_triton import chosen_paths
+
+            res["chosen_paths"] = {str(k): v for k, v in chosen_paths().items()}
+        out.write_text(json.dumps(res, indent=1))
     start = time.time()
     print(res["device"], torch.__version__, size, dtype, flush=True)
     parts = set(args.parts.split(","))
