@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.fx
 
+from .kernels import opaque_cuda_kernels
 from .kernels.cpu_extension import load_cpu_kernels
 from .options import AdafuseOptions
 from .passes import (BatchTokenDispatchPass, FoldStaticLoRAPass, FuseMoLEPass, HoistRoutersPass, MaskedAccumulatePass,
@@ -164,9 +165,25 @@ def adafuse_backend(
         raise ValueError(APPROXIMATE_NEEDS_MODEL)
     if opts.guards == "module-tags":
         require_installed()
+    if opts.strategy != "fused" and _cudagraphs(mode) and _on_cuda(example_inputs):
+        log.warning("adafuse: strategy=%r is not captured by CUDA graphs (mode=%r): fusing every step instead. "
+                    "Its per-step choice runs on the host and its merged weights outlive a replay (on an H200 "
+                    "the pre-gated model failed with 'accessing tensor output of CUDAGraphs that has been "
+                    "overwritten')", opts.strategy, mode)
+        opts = dataclasses.replace(opts, strategy="fused")
     try:
         rw = rewrite(gm, example_inputs, opts)
-        compiled = compile_rewritten(rw, example_inputs, opts, mode)
+        try:
+            compiled = compile_rewritten(rw, example_inputs, opts, mode)
+        except Exception:
+            if not _on_cuda(example_inputs) or opts.strict:
+                raise
+            # The fused sites' Triton kernels are compiled into Inductor's code on CUDA; should
+            # that fail, the opaque op (which launches the same kernels itself) still fuses them.
+            log.warning("adafuse: compiling the fused kernels into the graph failed; calling them as opaque ops",
+                        exc_info=True)
+            with opaque_cuda_kernels():
+                compiled = compile_rewritten(rw, example_inputs, opts, mode)
     except Exception as e:
         # Anything of ours (a pass, a derived input, the inner compiler on the rewritten graph):
         # the unrewritten graph is always a correct answer.
@@ -177,6 +194,14 @@ def adafuse_backend(
         compiled = compile_rewritten(rw, example_inputs, opts, mode)
     _publish(rw)
     return CheckedGraph(compiled) if opts.guards == "module-tags" else compiled
+
+
+def _cudagraphs(mode: str | None) -> bool:
+    if mode is None:
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def backend_with_mode(mode: str | None):

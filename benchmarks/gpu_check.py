@@ -50,7 +50,9 @@ PLAN = [
     ("base-eager", "base", None), ("mole-eager", "mole", None), ("pregated-eager", "pregated", None),
     ("base-inductor", "base", "inductor"), ("base-inductor-cg", "base", "inductor-cg"),
     ("mole-inductor", "mole", "inductor"), ("mole-inductor-cg", "mole", "inductor-cg"), ("mole-adafuse", "mole", {}),
-    ("mole-adafuse-cg", "mole", {"cudagraphs": True}), ("pregated-adafuse", "pregated", {}),
+    ("mole-adafuse-cg", "mole", {"cudagraphs": True}),
+    ("mole-adafuse-freeze-cg", "mole", {"freeze": True, "cudagraphs": True}),  # routers sharing an input hoisted
+    ("pregated-adafuse", "pregated", {}),
     ("pregated-adafuse-cg", "pregated", {"cudagraphs": True}),
     ("pregated-adafuse-merge", "pregated", {"strategy": "merge", "freeze": True}),
     ("pregated-adafuse-merge-cg", "pregated", {"strategy": "merge", "freeze": True, "cudagraphs": True}),
@@ -88,13 +90,12 @@ def check_kernels(device, dtype, smoke: bool) -> list[dict]:
         ref = lora_moe_linear_ref(*(t.double().cpu() for t in (on[0], on[1])), None,
                                   *(t.double().cpu() for t in (on[2], on[3])), idx, g_d.double().cpu(), 2.0)
         runs = {"op": lambda: lora_moe_linear(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)}
-        if device == "cuda":  # each path of the Triton kernels, where it takes the call
-            from adafuse_compile.kernels.lora_moe_linear_triton import PATHS, fits_one_pass, lora_moe_linear_triton
+        if device == "cuda":  # the op compiled graphs call on CUDA (its kernels seen by Inductor)
+            from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda
 
-            for path in PATHS:
-                if path != "one-pass" or fits_one_pass(on[0], on[1], None, on[2], on[3], idx_d, g_d):
-                    runs[path] = lambda path=path: lora_moe_linear_triton(on[0], on[1], None, on[2], on[3], idx_d,
-                                                                          g_d, 2.0, path=path)
+            runs["cuda-op"] = lambda: lora_moe_linear_cuda(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)
+            runs["cuda-op-inductor"] = lambda: torch.compile(lora_moe_linear_cuda)(
+                on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)
         for name, run in runs.items():
             err = ((run().double().cpu() - ref).abs().max() / ref.abs().max()).item()
             rows.append({"T": T, "in": d_in, "out": d_out, "E": E, "k": k, "r": r, "path": name, "max_rel_err": err})
@@ -113,14 +114,16 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
     the kernels' time without launch cost. ``eager_us``: wall time per call, uncaptured.
 
     ``fused``/``fused-lists``: ``adafuse::lora_moe_linear`` with a given decision (stacked or
-    per-expert experts), on CUDA also each of its paths forced (``fused-one-pass``: base and
-    expand in one kernel after the shrink; ``fused-three-launch``: cuBLAS, shrink, expand); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
+    per-expert experts); on CUDA ``fused-inductor``: ``adafuse::lora_moe_linear_cuda`` compiled
+    by Inductor (its host time per call is ``eager_us``); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
     ``routed``: ``adafuse::routed_lora_moe_linear``, router included (per-layer-routed sites).
     """
     shapes = [(40, 72, 4)] if smoke else SITE_SHAPES
     E, k, sets = 8, 2, 2 if smoke else 8
     if device == "cuda":
-        from adafuse_compile.kernels.lora_moe_linear_triton import PATHS, lora_moe_linear_triton
+        from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda
+
+        compiled_site = torch.compile(lora_moe_linear_cuda, dynamic=False)
     rows = []
     for in_f, out_f, r in shapes:
         for T in tokens:
@@ -137,8 +140,8 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
                 "linear": lambda w: F.linear(x, w["W"]),
                 "fused": lambda w: lora_moe_linear(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
                 "fused-lists": lambda w: lora_moe_linear_lists(x, w["W"], None, w["As"], w["Bs"], idx, g, 2.0),
-                **({f"fused-{path}": lambda w, path=path: lora_moe_linear_triton(
-                    x, w["W"], None, w["A"], w["B"], idx, g, 2.0, path=path) for path in PATHS} if device == "cuda" else {}),
+                **({"fused-inductor": lambda w: compiled_site(x, w["W"], None, w["A"], w["B"], idx, g, 2.0)}
+                   if device == "cuda" else {}),
                 "route": lambda w: topk_route(x, w["R"], None, k=k, softmax_first=True, renorm=True),
                 "routed": lambda w: routed_lora_moe_linear(x, w["W"], None, x, w["R"], None, w["As"], w["Bs"], k=k,
                                                            softmax_first=True, renorm=True, scale=2.0),
@@ -240,12 +243,7 @@ def main(argv=None) -> dict:
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
            "size": size, "dtype": str(dtype), "kernels": [], "rows": {}, "check": {}, "compile_s": {}, "sites": {},
            "cudagraph_skips": {}, "site_timing": [], "profile": {}, "errors": {}}
-    def save():
-        if device == "cuda":  # which path each kernel shape took, as measured on this device
-            from adafuse_compile.kernels.lora_moe_linear_triton import chosen_paths
-
-            res["chosen_paths"] = {str(k): v for k, v in chosen_paths().items()}
-        out.write_text(json.dumps(res, indent=1))
+    save = lambda: out.write_text(json.dumps(res, indent=1))  # noqa: E731
     start = time.time()
     print(res["device"], torch.__version__, size, dtype, flush=True)
     parts = set(args.parts.split(","))

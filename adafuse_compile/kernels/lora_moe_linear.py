@@ -26,6 +26,9 @@ per site on the small model, ~90 us of the step per site at batch 8 before this 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +36,8 @@ from .checks import check_lora_moe_args, raise_unless
 from .cpu_extension import load_cpu_kernels
 from .reference import topk_route
 
-__all__ = ["lora_moe_linear", "lora_moe_linear_lists", "routed_lora_moe_linear", "check_lora_moe_args"]
+__all__ = ["check_lora_moe_args", "cuda_op", "lora_moe_linear", "lora_moe_linear_lists", "opaque_cuda_kernels",
+           "routed_lora_moe_linear"]
 
 # Pure-torch path: gathering copies k*(r*in + out*r) expert values per token; running every
 # expert densely reads each expert once per call but does E/k times the FLOPs. Measured on the
@@ -170,6 +174,8 @@ def _(x, weight, bias, A, B, idx, g, scale):
 def lora_moe_linear_lists(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor:
     """:func:`lora_moe_linear` for experts held one tensor each: ``A`` a list of ``[r, in]``
     (or one shared), ``B`` a list of ``[out, r]``; ``x [T, in]``, ``idx, g [T, k]``."""
+    if x.is_cuda:  # the Triton kernels take stacks
+        return cuda_op()(x, weight, bias, *_stacked(list(A), list(B)), idx, g, float(scale))
     return torch.ops.adafuse.lora_moe_linear_lists.default(x, weight, bias, list(A), list(B), idx, g, float(scale))
 
 
@@ -235,13 +241,40 @@ def routed_lora_moe_linear(x, weight, bias, router_input, router_weight, router_
         bool(renorm), softmax_dtype, gate_dtype, bool(sorted), float(scale))
 
 
+_OPAQUE = threading.local()
+
+
+def cuda_op():
+    """The op for CUDA tensors: ``adafuse::lora_moe_linear_cuda``, whose Triton kernels Inductor
+    sees and launches from its own code (registered on first use, which imports Triton); inside
+    :func:`opaque_cuda_kernels`, ``adafuse::lora_moe_linear``, which it calls as a black box."""
+    if getattr(_OPAQUE, "on", False):
+        return torch.ops.adafuse.lora_moe_linear.default
+    from . import lora_moe_linear_triton  # noqa: F401  (registers the op)
+
+    return torch.ops.adafuse.lora_moe_linear_cuda.default
+
+
+@contextlib.contextmanager
+def opaque_cuda_kernels():
+    """Graphs traced meanwhile (in this thread) call the opaque op on CUDA: what the backend
+    falls back to if Inductor cannot compile the visible kernels."""
+    before = getattr(_OPAQUE, "on", False)
+    _OPAQUE.on = True
+    try:
+        yield
+    finally:
+        _OPAQUE.on = before
+
+
 def lora_moe_linear(x, weight, bias, A, B, idx, g, scale: float) -> torch.Tensor:
     """The fused adapter linear for ``x [..., in]`` and ``idx, g [..., k]``.
 
     Flattens the leading (token) dimensions, calls ``torch.ops.adafuse.lora_moe_linear``, and
     restores them: ``[..., out]``.
     """
-    op = torch.ops.adafuse.lora_moe_linear.default  # not the CustomOpDef wrapper: ~3 us less
+    # not the CustomOpDef wrappers: ~3 us less
+    op = cuda_op() if x.is_cuda else torch.ops.adafuse.lora_moe_linear.default
     if x.dim() == 2 and idx.dim() == 2:  # already [T, in]: skip the reshapes (~3 us each)
         return op(x, weight, bias, A, B, idx, g, float(scale))
     lead = x.shape[:-1]

@@ -215,3 +215,57 @@ def test_inductor_sees_parameters_and_derived_inputs_as_static(freeze):
     assert bool(rw.derived_inputs) == freeze
     inputs = len(rw.graph.graph.find_nodes(op="placeholder"))
     assert seen == [list(range(1, inputs))]  # input 0: the token ids
+
+
+def test_cuda_compile_failure_retries_with_opaque_kernels(monkeypatch, caplog):
+    """On CUDA the fused sites' Triton kernels are compiled into Inductor's code; if that fails,
+    the backend compiles the rewritten graph again with the opaque op (still fused), not the
+    unrewritten graph."""
+    import adafuse_compile.backend as backend
+    from adafuse_compile.kernels.lora_moe_linear import cuda_op
+
+    calls = []
+    real = backend.compile_rewritten
+
+    def flaky(rw, example_inputs, opts, mode=None):
+        calls.append(cuda_op())
+        if len(calls) == 1:
+            raise RuntimeError("Inductor could not compile the user-defined Triton kernels")
+        return real(rw, example_inputs, opts, mode)
+
+    monkeypatch.setattr(backend, "compile_rewritten", flaky)
+    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    net = TinyNet()
+    x = torch.randn(3, 12)
+    with caplog.at_level(logging.WARNING, logger="adafuse_compile"):
+        out = adafuse_backend(torch.fx.symbolic_trace(net), [x], options={"inner": "eager"})(x)
+    torch.testing.assert_close(out, net(x))
+    assert calls == [torch.ops.adafuse.lora_moe_linear_cuda.default, torch.ops.adafuse.lora_moe_linear.default]
+    assert "calling them as opaque ops" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["merge", "auto"])
+def test_merge_strategies_fuse_under_cuda_graphs_and_say_why(strategy, monkeypatch, caplog):
+    """A strategy that merges is not captured by CUDA graphs (a host-side choice per step, merged
+    copies that outlive a replay): on CUDA with a CUDA-graph mode the backend fuses every site
+    instead, with a warning; without the mode the groups stay switchable."""
+    import adafuse_compile.backend as backend
+    from adafuse_compile.backend import capture_rewrites
+    from adafuse_compile.models import add_pregated_lora_moe, tiny_llama
+
+    monkeypatch.setattr(backend, "_on_cuda", lambda example_inputs: True)
+    model = add_pregated_lora_moe(tiny_llama("tiny", num_hidden_layers=1), seed=0).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 2))
+    options = {"inner": "eager", "strategy": strategy, "freeze": True}
+    groups = {}
+    for mode in ("reduce-overhead", None):
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="adafuse_compile"), capture_rewrites() as rewrites, \
+                torch.no_grad():
+            out = torch.compile(model, backend=backend.backend_with_mode(mode), options=options)(ids).logits
+            torch.testing.assert_close(out, model(ids).logits, atol=1e-4, rtol=1e-4)
+        groups[mode] = [g.strategy for rw in rewrites for g in rw.groups]
+        assert ("not captured by CUDA graphs" in caplog.text) == (mode is not None)
+    torch._dynamo.reset()
+    assert groups == {"reduce-overhead": ["fused"], None: [strategy]}

@@ -42,9 +42,9 @@ def make_lora_case(*args, **kw):
     return _make_lora_case(*args, device=DEVICE, **kw)
 
 
-def check_lora(T, in_f, out_f, r, E, k, *, dtype, scale=2.0, path=None, **kw):
+def check_lora(T, in_f, out_f, r, E, k, *, dtype, scale=2.0, **kw):
     args = make_lora_case(T, in_f, out_f, r, E, k, dtype=dtype, **kw)
-    y = lora_moe_linear_triton(*args, scale, path=path)
+    y = lora_moe_linear_triton(*args, scale)
     assert y.dtype == dtype and y.shape == (T, out_f)
     assert_close(y, lora_reference(*args, scale), reduction=max(in_f, k * r))
     return y
@@ -64,7 +64,6 @@ def lora_params(draw):
         shared_A=draw(st.booleans()),
         bias=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
-        path=draw(st.sampled_from(lml.PATHS)),  # T <= 16: both paths fit
     )
 
 
@@ -87,34 +86,8 @@ def test_lora_matches_reference(p):
     ],
     ids=["T0", "k_eq_E", "E1", "shared_A", "no_bias_r16", "split_in"],
 )
-@pytest.mark.parametrize("path", ["three-launch", "one-pass"])
-def test_lora_cases(case, dtype, path):
-    check_lora(**case, dtype=dtype, path=path)
-
-
-def test_lora_one_pass_at_its_token_limit_and_dense_columns():
-    """16 tokens (the one-pass kernel's dot M), duplicate experts, E * r at the dense-column limit."""
-    check_lora(T=16, in_f=50, out_f=35, r=16, E=64, k=3, dtype=torch.float32, dup=True, path="one-pass")
-
-
-def test_lora_path_choice_and_limits():
-    """Off CUDA the one-pass kernel takes every call it fits; more tokens, more expert columns
-    than a program holds, or a weight of strided rows take the three launches; asking for a path
-    a call cannot take raises."""
-    fits = make_lora_case(3, 20, 30, 4, 4, 2, dtype=torch.float32)
-    assert lml.choose_path(*fits, 1.0) == "one-pass"
-    for args in (make_lora_case(17, 20, 30, 4, 4, 2, dtype=torch.float32),
-                 make_lora_case(2, 20, 30, 32, 64, 2, dtype=torch.float32)):
-        assert lml.choose_path(*args, 1.0) == "three-launch"
-    x, W, b, A, B, idx, g = fits
-    W_cols = W.t().contiguous().t()  # column-major: rows of stride 1 element apart no more
-    assert lml.choose_path(x, W_cols, b, A, B, idx, g, 1.0) == "three-launch"
-    y = lora_moe_linear_triton(x, W_cols, b, A, B, idx, g, 1.0)
-    assert_close(y, lora_reference(x, W, b, A, B, idx, g, 1.0), reduction=20)
-    with pytest.raises(ValueError, match="path"):
-        lora_moe_linear_triton(x, W_cols, b, A, B, idx, g, 1.0, path="one-pass")
-    with pytest.raises(ValueError, match="path"):
-        lora_moe_linear_triton(*fits, 1.0, path="fastest")
+def test_lora_cases(case, dtype):
+    check_lora(**case, dtype=dtype)
 
 
 def test_lora_split_path_is_taken():
@@ -225,7 +198,6 @@ def merge_params(draw):
         shared_A=draw(st.booleans()),
         with_sources=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
-        path=draw(st.sampled_from(lml.PATHS)),  # T <= 16: both paths fit
     )
 
 
@@ -316,3 +288,21 @@ def test_merge_rejects_mismatched_sites():
         merge_combination_triton(Ws, None, As, Bs, scales, ids.int(), coefs)
     with pytest.raises(ValueError, match="dtype"):
         merge_combination_triton(Ws, None, [As[0].double()], Bs, scales, ids, coefs)
+
+
+def test_lora_cuda_op_matches_reference_and_opaque_switch():
+    """``adafuse::lora_moe_linear_cuda`` (the triton_op compiled CUDA graphs call) runs the same
+    kernels; ``opaque_cuda_kernels`` switches what compiled graphs call to the opaque op."""
+    from adafuse_compile.kernels import opaque_cuda_kernels
+    from adafuse_compile.kernels.lora_moe_linear import cuda_op
+
+    visible = cuda_op()
+    assert visible is torch.ops.adafuse.lora_moe_linear_cuda.default
+    with opaque_cuda_kernels():
+        assert cuda_op() is torch.ops.adafuse.lora_moe_linear.default
+        with opaque_cuda_kernels():
+            pass
+        assert cuda_op() is torch.ops.adafuse.lora_moe_linear.default  # nested: restored to on
+    assert cuda_op() is visible
+    args = make_lora_case(3, 40, 33, 4, 4, 2, dtype=torch.float32)
+    assert_close(visible(*args, 2.0), lora_reference(*args, 2.0), reduction=40)
