@@ -16,8 +16,15 @@ so there is no per-expert Python loop and no gathered copy of ``A`` or ``B``):
 3. *expand* (grid ``(T, cdiv(out, BLOCK_OUT))``): ``y[t, tile] += sum_j h[t, j, :] @
    B[idx[t, j], tile, :]^T``, accumulated in float32 and rounded once into ``y`` in place.
 
-Three launches per call (linear, shrink, expand). The rank ``r`` is padded to a power of two
-with ``tl.arange`` and masked, so any ``r``, ``in`` and ``out`` work. A shared A (``E_A == 1``,
+Three launches per call (linear, shrink, expand); measured on an H200 (bf16, T=1, E=8, k=2,
+r=8, CUDA-graph replay) at 1.64x the linear alone for 4096x4096 (20.1 against 12.3 us) and 1.30x
+for 4096x11008. A one-kernel variant (shrink, then base and expand as one Triton dot over W
+with the experts' B rows appended) lost to cuBLAS's linear at every decode shape measured and
+was removed (commit e1e19ed has it). :func:`lora_moe_linear_cuda` is the same as a
+``torch.library.triton_op`` whose kernels Inductor launches from its generated code.
+
+The rank ``r`` is padded to a power of two with ``tl.arange`` and masked, so any ``r``, ``in``
+and ``out`` work. A shared A (``E_A == 1``,
 HydraLoRA) is handled by giving the kernel an expert stride of 0 for A: every ``idx`` then
 addresses ``A[0]`` while still selecting its own ``B``.
 
