@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adafuse_compile  # noqa: E402, F401  (registers the backend)
 from adafuse_compile.backend import backend_with_mode, capture_rewrites  # noqa: E402
 from adafuse_compile.kernels import lora_moe_linear, lora_moe_linear_lists, routed_lora_moe_linear  # noqa: E402
+from adafuse_compile.kernels.lora_moe_linear import lora_moe_linear_torch  # noqa: E402
 from adafuse_compile.kernels.reference import lora_moe_linear_ref, topk_route  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -110,18 +111,22 @@ def check_kernels(device, dtype, smoke: bool) -> list[dict]:
 SITE_SHAPES = [(4096, 4096, 8), (4096, 11008, 8), (11008, 4096, 8), (4096, 4096, 64)]
 
 
-def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
+def time_sites(device, dtype, smoke: bool, tokens=(1, 8, 256)) -> list[dict]:
     """One adapted linear against its base linear alone, us per call (issue 13: a fused site
-    within 10% of the base linear at decode). ``graph_us``: on CUDA, 32 calls captured in one
+    within 10% of the base linear at decode, and at prefill (T=256) no slower than the gathered
+    pure-torch path, ``torch-gathered``). ``graph_us``: on CUDA, 32 calls captured in one
     CUDA graph, cycling through 8 weight sets (more bytes than the L2, as in a model), replayed:
     the kernels' time without launch cost. ``eager_us``: wall time per call, uncaptured.
 
     ``fused``/``fused-lists``: ``adafuse::lora_moe_linear`` with a given decision (stacked or
     per-expert experts); on CUDA ``fused-inductor``: ``adafuse::lora_moe_linear_cuda`` compiled
-    by Inductor (its host time per call is ``eager_us``); ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
+    by Inductor (its host time per call is ``eager_us``); ``torch-gathered``: the op's pure-torch
+    path (gathered experts, two ``bmm``, or every expert dense once the batch covers them);
+    ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
     ``routed``: ``adafuse::routed_lora_moe_linear``, router included (per-layer-routed sites).
     """
     shapes = [(40, 72, 4)] if smoke else SITE_SHAPES
+    tokens = (1, 8) if smoke else tokens
     E, k, sets = 8, 2, 2 if smoke else 8
     if device == "cuda":
         from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda
@@ -143,6 +148,7 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8)) -> list[dict]:
                 "linear": lambda w: F.linear(x, w["W"]),
                 "fused": lambda w: lora_moe_linear(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
                 "fused-lists": lambda w: lora_moe_linear_lists(x, w["W"], None, w["As"], w["Bs"], idx, g, 2.0),
+                "torch-gathered": lambda w: lora_moe_linear_torch(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
                 **({"fused-inductor": lambda w: compiled_site(x, w["W"], None, w["A"], w["B"], idx, g, 2.0)}
                    if device == "cuda" else {}),
                 "route": lambda w: topk_route(x, w["R"], None, k=k, softmax_first=True, renorm=True),
