@@ -24,9 +24,8 @@ was removed (commit e1e19ed has it). :func:`lora_moe_linear_cuda` is the same as
 ``torch.library.triton_op`` whose kernels Inductor launches from its generated code.
 
 The rank ``r`` is padded to a power of two with ``tl.arange`` and masked, so any ``r``, ``in``
-and ``out`` work. A shared A (``E_A == 1``,
-HydraLoRA) is handled by giving the kernel an expert stride of 0 for A: every ``idx`` then
-addresses ``A[0]`` while still selecting its own ``B``.
+and ``out`` work. A shared A (``E_A == 1``, HydraLoRA) is handled by giving the kernel an expert
+stride of 0 for A: every ``idx`` then addresses ``A[0]`` while still selecting its own ``B``.
 
 ``idx`` must hold valid expert ids in ``[0, E)``; like every gather kernel this one does not
 check them on the device (that would need a sync), an out-of-range id reads out of bounds.
