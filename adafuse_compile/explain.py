@@ -57,7 +57,10 @@ class ExplainReport:
             lines.append(f"routers hoisted: {sum(len(h.routers) for h in self.hoisted_routers)} router(s) in "
                          f"{len(self.hoisted_routers)} batched matmul(s); logits checked bitwise equal to the "
                          f"separate linears at the graphs' static token count(s) ({counts}) on this machine's "
-                         "current BLAS and thread count")
+                         "current BLAS and thread count"
+                         + (f"; selection batched for {sum(h.selection > 0 for h in self.hoisted_routers)} of "
+                            "them (each router's rows checked bitwise equal to its own call's)"
+                            if any(h.selection for h in self.hoisted_routers) else ""))
         for grp in self.groups:
             lines.append(f"group on decision ({grp.decision}): {len(grp.sites)} site(s), strategy {grp.strategy}; "
                          f"cost model: {grp.estimate}")
