@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
+from torch._dynamo.exc import RestartAnalysis
 
 from .kernels import opaque_cuda_kernels
 from .kernels.cpu_extension import load_cpu_kernels
@@ -175,6 +176,8 @@ def adafuse_backend(
         rw = rewrite(gm, example_inputs, opts)
         try:
             compiled = compile_rewritten(rw, example_inputs, opts, mode)
+        except RestartAnalysis:
+            raise
         except Exception:
             if not _on_cuda(example_inputs) or opts.strict:
                 raise
@@ -184,6 +187,11 @@ def adafuse_backend(
                         exc_info=True)
             with opaque_cuda_kernels():
                 compiled = compile_rewritten(rw, example_inputs, opts, mode)
+    except RestartAnalysis:
+        # Dynamo's own control flow, not a failure: Inductor asks Dynamo to trace the frame again
+        # (e.g. with float scalars made tensors under dynamic=True), and the backend is called
+        # again with the new graph. Caught below, it left every site of such graphs unrewritten.
+        raise
     except Exception as e:
         # Anything of ours (a pass, a derived input, the inner compiler on the rewritten graph):
         # the unrewritten graph is always a correct answer.

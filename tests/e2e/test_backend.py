@@ -269,3 +269,25 @@ def test_merge_strategies_fuse_under_cuda_graphs_and_say_why(strategy, monkeypat
         assert ("not captured by CUDA graphs" in caplog.text) == (mode is not None)
     torch._dynamo.reset()
     assert groups == {"reduce-overhead": ["fused"], None: [strategy]}
+
+
+def test_dynamos_restart_requests_are_not_taken_for_failures(caplog):
+    """Under dynamic=True Inductor asks Dynamo to trace again with the float scalings made tensors
+    (TensorifyScalarRestartAnalysis, raised through the backend). The backend lets it through:
+    caught, it was logged as a failed rewrite and the graph compiled unrewritten. After the
+    restart each site left says why (here: the scale is read from a tensor)."""
+    from adafuse_compile.backend import capture_rewrites
+    from adafuse_compile.models import add_lora_moe, tiny_llama
+
+    torch._dynamo.reset()
+    model = add_lora_moe(tiny_llama("tiny", seed=0, num_hidden_layers=1), experts=4, top_k=2, rank=4).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    with caplog.at_level(logging.WARNING, logger="adafuse_compile"), capture_rewrites() as rewrites, \
+            torch.inference_mode():
+        out = torch.compile(model, backend="adafuse", dynamic=True)(ids, use_cache=False).logits
+        torch.testing.assert_close(out, model(ids, use_cache=False).logits, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+    assert "rewriting failed" not in caplog.text
+    assert rewrites and all(rw.error is None for rw in rewrites)
+    sites = [s for rw in rewrites for s in rw.sites]
+    assert len(sites) == 7 and all(s.reason for s in sites if s.status == "left")
