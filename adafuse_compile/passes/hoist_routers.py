@@ -319,7 +319,7 @@ def _batch_selection(gm: fx.GraphModule, logits: fx.Node, ones: list[fx.Node], t
         env[node] = anchor = new
     for one, chain in zip(ones, chains):
         s = one.kwargs["router"]
-        for i, end in enumerate(ends):
+        for end in ends:
             mine = chain[chains[0].index(end)]
             with gm.graph.inserting_after(anchor):
                 rows = gm.graph.call_function(router_logits, (env[end],), dict(router=s, like=like))
