@@ -95,9 +95,11 @@ def check_kernels(device, dtype, smoke: bool) -> list[dict]:
                                   *(t.double().cpu() for t in (on[2], on[3])), idx, g_d.double().cpu(), 2.0)
         runs = {"op": lambda: lora_moe_linear(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)}
         if device == "cuda":  # the op compiled graphs call on CUDA (its kernels seen by Inductor)
-            from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda
+            from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda, lora_moe_linear_triton
 
             runs["cuda-op"] = lambda: lora_moe_linear_cuda(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)
+            runs["one-kernel"] = lambda: lora_moe_linear_triton(on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0,
+                                                                adapter="one-kernel")
             runs["cuda-op-inductor"] = lambda: torch.compile(lora_moe_linear_cuda)(
                 on[0], on[1], None, on[2], on[3], idx_d, g_d, 2.0)
         for name, run in runs.items():
@@ -120,7 +122,9 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8, 256)) -> list[dict]:
 
     ``fused``/``fused-lists``: ``adafuse::lora_moe_linear`` with a given decision (stacked or
     per-expert experts); on CUDA ``fused-inductor``: ``adafuse::lora_moe_linear_cuda`` compiled
-    by Inductor (its host time per call is ``eager_us``); ``torch-gathered``: the op's pure-torch
+    by Inductor (its host time per call is ``eager_us``), and ``fused-one-kernel``: the adapter
+    as one Triton kernel instead of the shrink and the expand (``ONE_KERNEL_MAX_TOKENS`` decides
+    which a model gets); ``torch-gathered``: the op's pure-torch
     path (gathered experts, two ``bmm``, or every expert dense once the batch covers them);
     ``route``: the top-k router alone (:func:`topk_route`'s ATen calls);
     ``routed``: ``adafuse::routed_lora_moe_linear``, router included (per-layer-routed sites).
@@ -129,7 +133,7 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8, 256)) -> list[dict]:
     tokens = (1, 8) if smoke else tokens
     E, k, sets = 8, 2, 2 if smoke else 8
     if device == "cuda":
-        from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda
+        from adafuse_compile.kernels.lora_moe_linear_triton import lora_moe_linear_cuda, lora_moe_linear_triton
 
         compiled_site = torch.compile(lora_moe_linear_cuda, dynamic=False)
     rows = []
@@ -149,7 +153,10 @@ def time_sites(device, dtype, smoke: bool, tokens=(1, 8, 256)) -> list[dict]:
                 "fused": lambda w: lora_moe_linear(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
                 "fused-lists": lambda w: lora_moe_linear_lists(x, w["W"], None, w["As"], w["Bs"], idx, g, 2.0),
                 "torch-gathered": lambda w: lora_moe_linear_torch(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
-                **({"fused-inductor": lambda w: compiled_site(x, w["W"], None, w["A"], w["B"], idx, g, 2.0)}
+                **({"fused-inductor": lambda w: compiled_site(x, w["W"], None, w["A"], w["B"], idx, g, 2.0),
+                    # the adapter as one kernel (off by default until this measures it)
+                    "fused-one-kernel": lambda w: lora_moe_linear_triton(x, w["W"], None, w["A"], w["B"], idx, g, 2.0,
+                                                                         adapter="one-kernel")}
                    if device == "cuda" else {}),
                 "route": lambda w: topk_route(x, w["R"], None, k=k, softmax_first=True, renorm=True),
                 "routed": lambda w: routed_lora_moe_linear(x, w["W"], None, x, w["R"], None, w["As"], w["Bs"], k=k,

@@ -23,6 +23,16 @@ with the experts' B rows appended) lost to cuBLAS's linear at every decode shape
 was removed (commit e1e19ed has it). :func:`lora_moe_linear_cuda` is the same as a
 ``torch.library.triton_op`` whose kernels Inductor launches from its generated code.
 
+*One adapter kernel* (``adapter="one-kernel"``, grid ``(T, cdiv(out, BLOCK_OUT))``): each
+program computes its token's ``h`` over the whole ``in`` (the chosen A rows come from L2 after
+the first program reads them) and adds its tile of the expand, so the adapter is one launch and
+one dependent trip to memory less (its B tile is loaded before the shrink). The price is the
+shrink repeated by every program of a token: ``cdiv(out, BLOCK_OUT)`` reads of ``k * r * in``
+elements from L2. Not measured yet (no GPU since it was written): off unless
+``ONE_KERNEL_MAX_TOKENS`` is raised; ``benchmarks/gpu_check.py`` times both
+(``fused-one-kernel`` in its site timing) so that a GPU run can set it. On the H200 profile the
+shrink and the expand took ~3.4 and ~3.7 us per site, most of it launch and memory latency.
+
 The rank ``r`` is padded to a power of two with ``tl.arange`` and masked, so any ``r``, ``in``
 and ``out`` work. A shared A (``E_A == 1``, HydraLoRA) is handled by giving the kernel an expert
 stride of 0 for A: every ``idx`` then addresses ``A[0]`` while still selecting its own ``B``.
@@ -42,11 +52,19 @@ import triton.language as tl
 
 from .checks import check_lora_moe_args
 
-__all__ = ["lora_moe_linear_cuda", "lora_moe_linear_triton"]
+__all__ = ["ADAPTER_PATHS", "ONE_KERNEL_MAX_TOKENS", "lora_moe_linear_cuda", "lora_moe_linear_triton"]
 
 # Programs the shrink kernel aims for: about two per SM of an H100 (132 SMs). With T * k small
 # at decode, the ``in`` reduction is split until the grid reaches this size.
 _TARGET_PROGRAMS = 256
+
+ADAPTER_PATHS = ("shrink-expand", "one-kernel")
+# Calls with at most this many tokens run the adapter as one kernel. 0 (never) until measured:
+# gpu_check.py's site timing reports both paths under CUDA-graph replay.
+ONE_KERNEL_MAX_TOKENS = 0
+# Output rows per program of the one-kernel path: each program repeats its token's shrink, so
+# fewer, larger tiles than the expand kernel's (a first guess, not measured).
+_ONE_KERNEL_BLOCK_OUT = 128
 
 
 @triton.jit
@@ -143,6 +161,63 @@ def _expand_kernel(
     tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=o_mask)
 
 
+@triton.jit
+def _adapter_kernel(
+    y_ptr,  # [T, out]      x.dtype, updated in place
+    x_ptr,  # [T, in]       x.dtype
+    a_ptr,  # [E_A, r, in]  x.dtype (expert stride 0 when A is shared)
+    b_ptr,  # [E, out, r]   x.dtype
+    idx_ptr,  # [T, k]      int64
+    g_ptr,  # [T, k]        any float
+    K,
+    IN,
+    OUT,
+    R,
+    scale,
+    stride_yt,
+    stride_xt,
+    stride_ae,
+    stride_ar,
+    stride_be,
+    stride_bo,
+    stride_it,
+    stride_gt,
+    R_PAD: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pid_o = tl.program_id(1)
+
+    offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    o_mask = offs_o < OUT
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    x_row = x_ptr + t * stride_xt
+
+    acc = tl.zeros([BLOCK_OUT], dtype=tl.float32)
+    for j in range(K):
+        e = tl.load(idx_ptr + t * stride_it + j)  # int64: e * stride never overflows
+        gate = tl.load(g_ptr + t * stride_gt + j).to(tl.float32) * scale
+        # This expert's B tile first: its load is in flight while the shrink below runs.
+        bv = tl.load(b_ptr + e * stride_be + offs_o[:, None] * stride_bo + offs_r[None, :],
+                     mask=o_mask[:, None] & r_mask[None, :], other=0.0)
+        a_rows = a_ptr + e * stride_ae + offs_r[:, None] * stride_ar  # [R_PAD, 1]
+        h_acc = tl.zeros([R_PAD, BLOCK_IN], dtype=tl.float32)
+        for i0 in range(0, IN, BLOCK_IN):
+            offs_i = i0 + tl.arange(0, BLOCK_IN)
+            i_mask = offs_i < IN
+            xv = tl.load(x_row + offs_i, mask=i_mask, other=0.0).to(tl.float32)
+            av = tl.load(a_rows + offs_i[None, :], mask=r_mask[:, None] & i_mask[None, :], other=0.0)
+            h_acc += av.to(tl.float32) * xv[None, :]
+        h = tl.sum(h_acc, axis=1) * gate  # [R_PAD]; padded ranks are exactly 0
+        acc += tl.sum(bv.to(tl.float32) * h[None, :], axis=1)
+
+    y_ptrs = y_ptr + t * stride_yt + offs_o
+    y = tl.load(y_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=o_mask)
+
+
 def _block_sizes(T: int, k: int, in_f: int, out_f: int, r: int) -> tuple[int, int, int, int, int]:
     """``(R_PAD, BLOCK_IN, chunk, split, BLOCK_OUT)`` for one call.
 
@@ -183,13 +258,16 @@ def lora_moe_linear_triton(
     idx: torch.Tensor,
     g: torch.Tensor,
     scale: float,
+    *,
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """``y [T, out]`` (``x.dtype``) for ``x [T, in]``; see the module docstring for the design.
 
     ``weight [out, in]``, ``bias [out]`` or None, ``A [E or 1, r, in]``, ``B [E, out, r]``,
     ``idx [T, k]`` int64, ``g [T, k]`` any float dtype (read as float32 in the kernel).
+    ``adapter``: one of :data:`ADAPTER_PATHS`, or None for the default by token count.
     """
-    return _launch(x, weight, bias, A, B, idx, g, scale, wrap=_direct)
+    return _launch(x, weight, bias, A, B, idx, g, scale, wrap=_direct, adapter=adapter)
 
 
 @torch.library.triton_op("adafuse::lora_moe_linear_cuda", mutates_args=())
@@ -216,8 +294,10 @@ def _direct(kernel):
     return kernel
 
 
-def _launch(x, weight, bias, A, B, idx, g, scale, *, wrap):
+def _launch(x, weight, bias, A, B, idx, g, scale, *, wrap, adapter=None):
     check_lora_moe_args(x, weight, bias, A, B, idx, g)
+    if adapter is not None and adapter not in ADAPTER_PATHS:
+        raise ValueError(f"adapter must be one of {ADAPTER_PATHS} or None, got {adapter!r}")
     for name, t in (("weight", weight), ("A", A), ("B", B), ("idx", idx), ("g", g)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -240,8 +320,18 @@ def _launch(x, weight, bias, A, B, idx, g, scale, *, wrap):
     g = g.contiguous()  # [T, k]
 
     r_pad, block_in, chunk, split, block_out = _block_sizes(T, k, in_f, out_f, r)
-    h = torch.empty(split, T, k, r_pad, dtype=torch.float32, device=x.device)  # partial sums
     stride_ae = 0 if E_A == 1 else A.stride(0)  # shared A: every expert id reads A[0]
+    if (adapter or ("one-kernel" if T <= ONE_KERNEL_MAX_TOKENS else "shrink-expand")) == "one-kernel":
+        block_out = min(_ONE_KERNEL_BLOCK_OUT, max(16, triton.next_power_of_2(out_f)))
+        with _device_guard(x):
+            wrap(_adapter_kernel)[(T, triton.cdiv(out_f, block_out))](
+                y, x, A, B, idx, g,
+                k, in_f, out_f, r, float(scale),
+                y.stride(0), x.stride(0), stride_ae, A.stride(1), B.stride(0), B.stride(1), idx.stride(0), g.stride(0),
+                R_PAD=r_pad, BLOCK_IN=block_in, BLOCK_OUT=block_out,
+            )  # fmt: skip
+        return y
+    h = torch.empty(split, T, k, r_pad, dtype=torch.float32, device=x.device)  # partial sums
 
     with _device_guard(x):
         wrap(_shrink_kernel)[(T, k, split)](

@@ -53,7 +53,7 @@ from .fuse_mole import SiteReport, remove_unused
 from .graph_ops import dispatch_rows, expert_linear, rows_where
 from .manager import DERIVED_INPUTS
 from .sites import (REWRITTEN_META, VIEW_OPS, ancestors, is_inplace, is_linear, module_path, node_value_meta,
-                    parameter_values, writers)
+                    parameter_values, run_target, writers)
 
 log = logging.getLogger("adafuse_compile")
 
@@ -518,10 +518,5 @@ def _propagate_meta(node: fx.Node, target=None, args=None) -> None:
     if mode is None:
         return
     with mode:
-        if target is not None:
-            val = target(*args, **kwargs)
-        elif node.op == "call_method":
-            val = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            val = node.target(*args, **kwargs)
+        val = target(*args, **kwargs) if target is not None else run_target(node, args, kwargs)
     node.meta["example_value"] = val

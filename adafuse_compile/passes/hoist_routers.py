@@ -51,7 +51,7 @@ import torch.fx as fx
 from .derived import StackedTensors, add_derived_input
 from .graph_ops import hoisted_logits, router_logits
 from .manager import DERIVED_INPUTS, GraphPass
-from .sites import is_linear, node_value_meta, parameter_values
+from .sites import is_linear, node_value_meta, parameter_values, run_target
 from .verify import op_name
 
 log = logging.getLogger("adafuse_compile")
@@ -266,8 +266,7 @@ def _run_chain(chain: list[fx.Node], start: fx.Node, value: torch.Tensor) -> dic
     env = {start: value}
     for node in chain:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
-        env[node] = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" \
-            else node.target(*args, **kwargs)
+        env[node] = run_target(node, args, kwargs)
     return env
 
 

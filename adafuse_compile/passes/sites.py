@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 __all__ = ["REWRITTEN_META", "VIEW_OPS", "Site", "Rejected", "ancestors", "find_sites", "has_routing", "is_inplace", "is_linear", "is_write", "needs_gradients",
-           "node_value_meta", "op_name", "parameter_values", "size_values", "writers"]
+           "node_value_meta", "op_name", "parameter_values", "run_target", "size_values", "writers"]
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 # node.meta key of the nodes a pass already rewrote into a batched form (the module path): they
@@ -211,6 +211,18 @@ def op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return node.target
     return getattr(node.target, "__name__", str(node.target))
+
+
+def run_target(node: fx.Node, args, kwargs, gm: fx.GraphModule | None = None):
+    """What ``node`` computes from the values ``args``/``kwargs`` of its arguments: its function,
+    its method on ``args[0]``, or (with ``gm``) its submodule, called."""
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module" and gm is not None:
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    raise NotImplementedError(f"cannot run {node.op} node {node.name}")
 
 
 _INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow)

@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..kernels.reference import lora_moe_delta_ref
-from .sites import Site, ancestors, is_write, node_value_meta, op_name
+from .sites import Site, ancestors, is_write, node_value_meta, op_name, run_target
 
 __all__ = ["MIN_PROBES", "RELATIVE_TOLERANCE", "ROUTING_LEAK", "DecisionDraws", "Probe", "canonical_delta",
            "draw_parameters", "draw_probes", "identity_holds", "linearity_violation", "op_name", "random_op", "replay",
@@ -382,17 +382,10 @@ def replay(gm: fx.GraphModule | None, site: Site, env: dict, override: Callable 
             env[node] = torch.zeros(*x.shape[:-1], int(out_features), dtype=torch.float64)
             continue
         args, kwargs = _promote(map_arg(node.args, env.__getitem__)), _promote(map_arg(node.kwargs, env.__getitem__))
-        target = node.target
-        if node.op == "call_method" and target in _DOWNCAST_METHODS:
-            target, args = "to", (args[0], torch.float64)
-        if node.op == "call_function":
-            value = target(*args, **kwargs)
-        elif node.op == "call_method":
-            value = getattr(args[0], target)(*args[1:], **kwargs)
-        elif node.op == "call_module":
-            value = gm.get_submodule(target)(*args, **kwargs)
+        if node.op == "call_method" and node.target in _DOWNCAST_METHODS:
+            value = args[0].to(torch.float64, **kwargs)
         else:
-            raise NotImplementedError(f"cannot replay {node.op} node {node.name}")
+            value = run_target(node, args, kwargs, gm)
         if op_name(node) in _EMPTY_MAKERS and isinstance(value, torch.Tensor) and value.is_floating_point():
             value.fill_(float("nan"))
         if override is not None:

@@ -42,9 +42,9 @@ def make_lora_case(*args, **kw):
     return _make_lora_case(*args, device=DEVICE, **kw)
 
 
-def check_lora(T, in_f, out_f, r, E, k, *, dtype, scale=2.0, **kw):
+def check_lora(T, in_f, out_f, r, E, k, *, dtype, scale=2.0, adapter=None, **kw):
     args = make_lora_case(T, in_f, out_f, r, E, k, dtype=dtype, **kw)
-    y = lora_moe_linear_triton(*args, scale)
+    y = lora_moe_linear_triton(*args, scale, adapter=adapter)
     assert y.dtype == dtype and y.shape == (T, out_f)
     assert_close(y, lora_reference(*args, scale), reduction=max(in_f, k * r))
     return y
@@ -64,6 +64,7 @@ def lora_params(draw):
         shared_A=draw(st.booleans()),
         bias=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        adapter=draw(st.sampled_from(lml.ADAPTER_PATHS)),
     )
 
 
@@ -86,8 +87,37 @@ def test_lora_matches_reference(p):
     ],
     ids=["T0", "k_eq_E", "E1", "shared_A", "no_bias_r16", "split_in"],
 )
-def test_lora_cases(case, dtype):
-    check_lora(**case, dtype=dtype)
+@pytest.mark.parametrize("adapter", lml.ADAPTER_PATHS)
+def test_lora_cases(case, dtype, adapter):
+    check_lora(**case, dtype=dtype, adapter=adapter)
+
+
+class _Launches:
+    """A kernel that counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+def test_lora_adapter_path_follows_the_token_count(monkeypatch):
+    """The adapter runs as one kernel up to ``ONE_KERNEL_MAX_TOKENS`` tokens (0: never, until
+    measured on a GPU), else as the shrink and expand kernels; both give the reference."""
+    spies = {name: _Launches(getattr(lml, name)) for name in ("_adapter_kernel", "_shrink_kernel", "_expand_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(lml, name, spy)
+    assert lml.ONE_KERNEL_MAX_TOKENS == 0
+    check_lora(2, 24, 20, 4, 4, 2, dtype=torch.float32)
+    assert [s.count for s in spies.values()] == [0, 1, 1]
+    monkeypatch.setattr(lml, "ONE_KERNEL_MAX_TOKENS", 2)
+    check_lora(2, 24, 20, 4, 4, 2, dtype=torch.float32)
+    check_lora(3, 24, 20, 4, 4, 2, dtype=torch.float32)
+    assert [s.count for s in spies.values()] == [1, 2, 2]
+    with pytest.raises(ValueError, match="adapter"):
+        check_lora(2, 24, 20, 4, 4, 2, dtype=torch.float32, adapter="fast")
 
 
 def test_lora_split_path_is_taken():
@@ -96,20 +126,22 @@ def test_lora_split_path_is_taken():
     assert split > 1
 
 
-def test_lora_duplicate_experts_and_low_precision_gate():
+@pytest.mark.parametrize("adapter", lml.ADAPTER_PATHS)
+def test_lora_duplicate_experts_and_low_precision_gate(adapter):
     """The same expert twice for a token adds both weights; a bf16 gate is read as float."""
     x, W, b, A, B, _, _ = make_lora_case(3, 20, 30, 4, 4, 2, dtype=torch.float32)
     idx = torch.tensor([[1, 1], [0, 3], [2, 2]], device=DEVICE)
     g = torch.tensor([[0.25, 0.5], [1.0, -0.5], [0.3, 0.7]], device=DEVICE).bfloat16()
-    y = lora_moe_linear_triton(x, W, b, A, B, idx, g, 1.5)
+    y = lora_moe_linear_triton(x, W, b, A, B, idx, g, 1.5, adapter=adapter)
     assert_close(y, lora_reference(x, W, b, A, B, idx, g, 1.5), reduction=20)
 
 
-def test_lora_non_contiguous_inputs():
+@pytest.mark.parametrize("adapter", lml.ADAPTER_PATHS)
+def test_lora_non_contiguous_inputs(adapter):
     x, W, b, A, B, idx, g = make_lora_case(4, 23, 19, 3, 3, 2, dtype=torch.float32)
     x_t = x.t().contiguous().t()  # same values, column-major
     B_t = B.transpose(1, 2).contiguous().transpose(1, 2)
-    y = lora_moe_linear_triton(x_t, W, b, A, B_t, idx, g, 0.5)
+    y = lora_moe_linear_triton(x_t, W, b, A, B_t, idx, g, 0.5, adapter=adapter)
     assert_close(y, lora_reference(x, W, b, A, B, idx, g, 0.5), reduction=23)
 
 
