@@ -21,6 +21,7 @@ Everything lands in ``DIR/gpu_check.json``, also on failure, step by step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -46,12 +47,16 @@ from adafuse_compile.models import add_lora_moe, add_pregated_lora_moe, tiny_lla
 WIDE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
             vocab_size=32000)
 TINY = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4, vocab_size=512)
-# (name, model, compile): None = eager; "inductor"; or the adafuse options (+ "cudagraphs": mode="reduce-overhead").
+# (name, model, compile): None = eager; "inductor"; or the adafuse options (+ "cudagraphs": mode="reduce-overhead",
+# "one_kernel_max_tokens": ONE_KERNEL_MAX_TOKENS of the Triton kernels while the configuration compiles).
 # In the order they compile, the yardstick of issue 13 first: the compile budget may stop the
 # rest (on the H200 the MoLE configurations took 15-30 s each per batch size).
 PLAN = [
     ("base-inductor-cg", "base", "inductor-cg"), ("mole-adafuse-cg", "mole", {"cudagraphs": True}),
     ("pregated-adafuse-cg", "pregated", {"cudagraphs": True}),
+    # the adapter as one Triton kernel up to 8 tokens (ONE_KERNEL_MAX_TOKENS; off by default until measured)
+    ("pregated-adafuse-cg-1k", "pregated", {"cudagraphs": True, "one_kernel_max_tokens": 8}),
+    ("mole-adafuse-cg-1k", "mole", {"cudagraphs": True, "one_kernel_max_tokens": 8}),
     ("mole-adafuse-freeze-cg", "mole", {"freeze": True, "cudagraphs": True}),  # routers sharing an input hoisted
     ("mole-inductor-cg", "mole", "inductor-cg"),
     ("base-eager", "base", None), ("mole-eager", "mole", None), ("pregated-eager", "pregated", None),
@@ -74,6 +79,27 @@ class _Skips(logging.Handler):
         msg = record.getMessage()
         if "skipping cudagraphs" in msg:
             self.messages.append(msg.splitlines()[0][:300])
+
+
+@contextlib.contextmanager
+def _one_kernel_max_tokens(tokens: int | None):
+    """``ONE_KERNEL_MAX_TOKENS`` of the Triton kernels set to ``tokens`` meanwhile (None: as is).
+    The compiled graphs keep the path chosen while they were traced; the compile caches are off
+    meanwhile (their keys do not include the setting: a hit would bring back the other path)."""
+    if tokens is None:
+        yield
+        return
+    import torch._functorch.config as functorch_config
+
+    from adafuse_compile.kernels import lora_moe_linear_triton as lml
+
+    before, lml.ONE_KERNEL_MAX_TOKENS = lml.ONE_KERNEL_MAX_TOKENS, tokens
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
+            yield
+    finally:
+        lml.ONE_KERNEL_MAX_TOKENS = before
 
 
 def check_kernels(device, dtype, smoke: bool) -> list[dict]:
@@ -301,15 +327,16 @@ def main(argv=None) -> dict:
             elif how in ("inductor", "inductor-cg"):
                 fn = torch.compile(step, mode="reduce-overhead" if how == "inductor-cg" else None)
             else:
-                options = {k: v for k, v in how.items() if k != "cudagraphs"}
+                options = {k: v for k, v in how.items() if k not in ("cudagraphs", "one_kernel_max_tokens")}
                 if args.smoke:
                     options["inner"] = "eager"
                 mode = "reduce-overhead" if how.get("cudagraphs") else None
                 fn = torch.compile(step, backend=backend_with_mode(mode), options=options or None)
             skipped = counters["inductor"]["cudagraph_skips"]
+            one_kernel = how.get("one_kernel_max_tokens") if isinstance(how, dict) and device == "cuda" else None
             for b in batches:
                 t0 = time.time()
-                with torch.inference_mode(), capture_rewrites() as rewrites:
+                with torch.inference_mode(), capture_rewrites() as rewrites, _one_kernel_max_tokens(one_kernel):
                     got = [fn(ids[b]) for _ in range(3)][-1].float()
                     ref = step(ids[b]).float()
                 if isinstance(how, dict):  # the sites of this compile, as the passes left them
