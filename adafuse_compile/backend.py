@@ -263,18 +263,23 @@ def compile_rewritten(rw: Rewrite, example_inputs: list[Any], opts: AdafuseOptio
     if opts.inner != "inductor":
         compiled = _inner_compiler(opts.inner)(gm, example_inputs)
     else:
+        from torch._inductor import config as inductor_config
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(list_mode_options(mode)) if mode is not None else {}
-        if "dynamo_compile_id" in gm.meta:
+        legacy_cudagraphs = (patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
+                             and not inductor_config.triton.cudagraph_trees)
+        if "dynamo_compile_id" in gm.meta and not legacy_cudagraphs:
             # Inductor's wrapper checks every input's sizes and strides at every call (and each
             # extern op's output). Dynamo's guards have checked the inputs of a graph it made
             # before the call (the inputs the passes add are computed from them), and the checks
             # are not cheap: in the C++ wrapper each builds a std::stringstream and a std::string.
             # Small MoLA model, batch 1, the compiled graph alone in a warm loop, interleaved, 11
             # rounds: 3.80 ms with them, 3.38 ms without (561 checks for 529 inputs); stacked
-            # experts (137 inputs) 3.31 against 3.22 ms. Graphs not from Dynamo keep them.
+            # experts (137 inputs) 3.31 against 3.22 ms; whole decode steps in the README. Graphs
+            # not from Dynamo keep them, and so do CUDA graphs without trees (the same setting
+            # there also checks that a static input has not moved; trees check that themselves).
             patches["size_asserts"] = False
         compiled = None
         if opts.cpp_wrapper and _cpp_wrapper_pays(rw, example_inputs):

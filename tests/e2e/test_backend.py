@@ -199,6 +199,27 @@ def test_dynamo_graphs_compile_without_inductors_per_call_input_checks():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("trees", [True, False])
+def test_cuda_graphs_without_trees_keep_inductors_input_checks(monkeypatch, trees):
+    """Under CUDA graphs without trees the same Inductor setting also checks that a static input
+    has not moved, so the checks stay there (trees check that themselves)."""
+    import torch._inductor.compile_fx as inductor
+
+    from adafuse_compile.backend import backend_with_mode
+    from adafuse_compile.models.styles import StyledMLP
+
+    patches = []
+    real = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or real(*a, **kw))
+    model = StyledMLP("mola").eval()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch({"triton.cudagraph_trees": trees, "fx_graph_cache": False}):
+        torch.compile(model, backend=backend_with_mode("reduce-overhead"))(torch.randn(2, 3, 48))
+    torch._dynamo.reset()
+    ours = [p for p in patches if p and p.get("triton.cudagraphs")]
+    assert ours and all(("size_asserts" in p) == trees for p in ours)
+
+
 def _static_input_idxs(fn, *args, **compile_kwargs) -> list[list[int]]:
     """The static input indices Inductor compiled each graph with (its CUDA graphs copy every
     other input into their own buffers at each replay)."""
