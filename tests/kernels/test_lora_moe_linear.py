@@ -76,7 +76,9 @@ def test_cpu_kernel_is_built_with_openmp():
 
 @given(case_params)
 def test_matches_reference(p):
-    # T in 0..64 with k <= E covers both the C++ kernel's token loops and its GEMM path.
+    # T in 0..64 with k <= E covers the C++ kernel's token loops, and its GEMM path in half
+    # precision (from T*k >= 8E) and in float32 with few experts (from T*k >= 64E; the fixed
+    # cases below take it with more).
     load_cpu_kernels()
     _run_case(p)
 
@@ -93,7 +95,7 @@ def test_pure_torch_paths_match_reference(path, p):
 @pytest.mark.parametrize(
     "T,E,k,shared_A",
     [(0, 4, 2, False), (3, 5, 5, False), (4, 1, 1, False), (6, 6, 6, True), (1, 8, 2, True),
-     (64, 2, 2, False), (64, 3, 1, True)],
+     (64, 2, 2, False), (192, 3, 1, True)],
     ids=["empty-T", "k==E", "E==1", "dense-gate-shared-A", "decode-shared-A", "gemm-path",
          "gemm-path-shared-A"],
 )
@@ -209,7 +211,7 @@ def _lists_impl(x, W, b, A, B, idx, g, scale):
 
 @given(case_params)
 def test_lists_matches_reference(p):
-    # Same draws as test_matches_reference: T in 0..64 covers the token loops and the GEMM path.
+    # Same draws as test_matches_reference (the token loops, and the GEMM path where T*k/E reaches it).
     load_cpu_kernels()
     _run_case(p, impl=_lists_impl)
 
@@ -250,7 +252,7 @@ STACKED_LAYOUTS = ["contiguous", "transposed", "step2", "expanded"]
 LIST_LAYOUTS = ["contiguous", "transposed", "step2", "mixed"]
 
 
-@pytest.mark.parametrize("T", [3, 40], ids=["loops", "gemm"])
+@pytest.mark.parametrize("T", [3, 40, 128], ids=["loops", "loops-aten-base", "gemm"])
 @pytest.mark.parametrize("r", [5, 8])
 @pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
 @pytest.mark.parametrize("b_layout", STACKED_LAYOUTS[:3])
@@ -267,7 +269,7 @@ def test_stacked_strided_factors(a_layout, b_layout, shared_A, r, T):
     assert_close_to_reference(y, y_contig.double(), reduction=37)
 
 
-@pytest.mark.parametrize("T", [3, 40], ids=["loops", "gemm"])
+@pytest.mark.parametrize("T", [3, 40, 128], ids=["loops", "loops-aten-base", "gemm"])
 @pytest.mark.parametrize("r", [5, 8])
 @pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
 @pytest.mark.parametrize("b_layout", LIST_LAYOUTS)

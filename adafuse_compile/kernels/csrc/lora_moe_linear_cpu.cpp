@@ -450,7 +450,7 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 // (1024 / 2816) 1 token 1.06 vs 0.97, 8 tokens 1.07 vs 0.64, 16 tokens 1.10 vs 0.68. The
 // adapter's cost all but disappears into the pass over W (its rows follow W's in the same
 // stream, and y is written once), and for a few tokens the kernel streams W faster than MKL's
-// sgemm. Up to 32 tokens; more take the GEMM path (use_gemms) in a model with E <= 8.
+// sgemm. Up to 32 tokens; more take ATen's linear, then the loops or the GEMMs (use_gemms).
 constexpr int64_t kFusedBaseMaxTokens = 32;
 
 bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -464,11 +464,18 @@ bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::option
 #endif
 }
 
-// The loops read each chosen expert once per token; GEMMs read every expert once per call.
-// Measured (in=out=1024, E=8, k=2, r=8, fp32, 2 threads), op time with loops vs GEMMs:
-// T=16 1439 vs 1594 us, T=32 783 vs 746 us, T=64 1352 vs 1206 us (the base linear alone
-// varies 2-3x between T here, so compare within a row): GEMMs from T*k >= 8E.
-bool use_gemms(int64_t T, int64_t k, int64_t E) { return T * k >= 8 * E; }
+// The loops do the chosen experts' arithmetic only; the GEMMs run every expert (E/k times the
+// arithmetic) at the CPU's GEMM speed. Measured with OpenMP threads (2026-12-01, E=8, k=2, r=8,
+// fp32, 2 threads, the op over ATen's linear alone, loops vs GEMMs, 7 rounds):
+//   512x512    T=32 0.99 vs 1.55, T=64 1.48 vs 1.69, T=128 1.51 vs 1.71, T=256 1.48 vs 1.54, T=512 1.59 vs 1.50
+//   512x1376   T=32 0.99 vs 1.37, T=64 1.26 vs 1.37, T=128 1.34 vs 1.41, T=256 1.34 vs 1.34, T=512 1.35 vs 1.31
+//   1024x1024  T=32 0.94 vs 1.32, T=64 1.15 vs 1.28, T=128 1.17 vs 1.21, T=256 1.22 vs 1.25, T=512 1.22 vs 1.25
+//   1024x2816  T=32 0.78 vs 1.14, T=64 1.13 vs 1.19, T=128 1.13 vs 1.17, T=256 1.16 vs 1.17, T=512 1.17 vs 1.15
+// so GEMMs from T*k >= 64E (T=256 here). The switch was at T*k >= 8E (T=32) when the loops
+// ran on one thread (built without -fopenmp); other dtypes keep it (not measured again).
+bool use_gemms(int64_t T, int64_t k, int64_t E, at::ScalarType dtype) {
+  return T * k >= (dtype == at::kFloat ? 64 : 8) * E;
+}
 
 // The base linear plus the chosen experts, whatever holds them: ``stacked()`` gives ``(A, B)``
 // as stacked tensors for the GEMM path, ``factors<scalar_t>()`` the in-place view of them for
@@ -479,7 +486,7 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
                              Build factors) {
   const int64_t T = x.size(0), k = idx.size(1);
   if (T == 0 || k == 0 || scale == 0.0) return at::linear(x, weight, bias);
-  if (use_gemms(T, k, E)) {  // prefill: stacking experts held one tensor each is paid once for many tokens
+  if (use_gemms(T, k, E, x.scalar_type())) {  // prefill: stacking experts held one tensor each is paid once for many tokens
     at::Tensor y = at::linear(x, weight, bias).contiguous();
     const auto [A, B] = stacked();
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
