@@ -142,16 +142,22 @@ def test_compile_takes_a_mode_and_options_together(monkeypatch):
     assert seen == ["max-autotune-no-cudagraphs"]
 
 
-def test_cpp_wrapper_option_compiles_fused_sites_with_inductors_cpp_wrapper(caplog, monkeypatch):
-    """``cpp_wrapper=True``: the rewritten graph goes through Inductor's C++ wrapper (the fused
-    ops called from C++), with eager's output and no fallback to the Python wrapper."""
+def _record_compile_fx_patches(monkeypatch) -> list:
+    """The ``config_patches`` of every ``compile_fx`` call from now on (the call still runs)."""
     import torch._inductor.compile_fx as inductor
-
-    from adafuse_compile.models.styles import StyledMLP
 
     patches = []
     real = inductor.compile_fx
     monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or real(*a, **kw))
+    return patches
+
+
+def test_cpp_wrapper_option_compiles_fused_sites_with_inductors_cpp_wrapper(caplog, monkeypatch):
+    """``cpp_wrapper=True``: the rewritten graph goes through Inductor's C++ wrapper (the fused
+    ops called from C++), with eager's output and no fallback to the Python wrapper."""
+    from adafuse_compile.models.styles import StyledMLP
+
+    patches = _record_compile_fx_patches(monkeypatch)
 
     torch.manual_seed(0)
     model = StyledMLP("mola").eval()
@@ -203,14 +209,10 @@ def test_dynamo_graphs_compile_without_inductors_per_call_input_checks():
 def test_cuda_graphs_without_trees_keep_inductors_input_checks(monkeypatch, trees):
     """Under CUDA graphs without trees the same Inductor setting also checks that a static input
     has not moved, so the checks stay there (trees check that themselves)."""
-    import torch._inductor.compile_fx as inductor
-
     from adafuse_compile.backend import backend_with_mode
     from adafuse_compile.models.styles import StyledMLP
 
-    patches = []
-    real = inductor.compile_fx
-    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **kw: patches.append(kw.get("config_patches")) or real(*a, **kw))
+    patches = _record_compile_fx_patches(monkeypatch)
     model = StyledMLP("mola").eval()
     torch._dynamo.reset()
     with torch.no_grad(), torch._inductor.config.patch({"triton.cudagraph_trees": trees, "fx_graph_cache": False}):
