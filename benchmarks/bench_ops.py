@@ -10,10 +10,10 @@ One site called over and over keeps its experts in cache, which a model never do
 ``--model small|medium`` the fused op instead runs every adapted linear of that model's step in
 turn (the seven projections of each layer, each with its own weights), so each site's weights
 come from memory as they do in a decode step. Reported per step: the base linears alone
-(``F.linear``, MKL), the op at scale 0 (the same call with no adapter: MKL's base linear inside
-the op), the op, and the op's cost over the base linears per site. For decode-sized calls
-(float32, AVX-512, up to 32 tokens) the C++ kernel computes the base linear itself in the pass
-that adds the adapter, which can be faster than MKL's: that last column can then be negative.
+(``F.linear``, MKL), the op at scale 0 (the same call adding no adapter), the op, and per site
+the op's cost over the base linears and over itself at scale 0 (the adapter's own cost). For
+decode-sized calls (float32, AVX-512, up to 32 tokens) the C++ kernel computes the base linear
+itself, at scale 0 too, and that can be faster than MKL's: "op - base" can then be negative.
 
     python benchmarks/bench_ops.py --model small [--tokens 1,8]
 """
@@ -99,8 +99,8 @@ def bench_model_step(a) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, the {len(sites)} adapted linears of "
           f"the {a.model} model's step in turn, E={a.experts} k={a.top_k} r={a.rank}; median of {a.rounds} "
           f"interleaved rounds x {a.reps}")
-    print(f"{'T':>3} {'base linear':>12} {'op, scale 0':>12} {'op':>10} {'op - base':>10} {'vs base':>8}"
-          "  (us per step; op - base per site)")
+    print(f"{'T':>3} {'base linear':>12} {'op, scale 0':>12} {'op':>10} {'op - base':>10} {'adapter':>8} {'vs base':>8}"
+          "  (us per step; op - base and op - op at scale 0 per site)")
     with torch.inference_mode():
         for T in (int(t) for t in a.tokens.split(",")):
             xs = [torch.randn(T, W.shape[1]) for W, _, _ in sites]
@@ -117,7 +117,8 @@ def bench_model_step(a) -> None:
             res = interleaved_medians({"linear": linears, "op0": functools.partial(step, 0.0),
                                        "op": functools.partial(step, 2.0)}, rounds=a.rounds, reps=a.reps)
             print(f"{T:>3} {res['linear'] * 1e6:>12.0f} {res['op0'] * 1e6:>12.0f} {res['op'] * 1e6:>10.0f} "
-                  f"{(res['op'] - res['linear']) / len(sites) * 1e6:>10.1f} {res['op'] / res['linear']:>8.2f}")
+                  f"{(res['op'] - res['linear']) / len(sites) * 1e6:>10.1f} "
+                  f"{(res['op'] - res['op0']) / len(sites) * 1e6:>8.1f} {res['op'] / res['linear']:>8.2f}")
 
 
 def main() -> None:

@@ -395,6 +395,23 @@ def test_base_linear_long_rows(T):
     assert_close_to_reference(y, reference(x, W, b, A, B, idx, g, 1.5), reduction=4100 + 2 * 8)
 
 
+@pytest.mark.skipif(not _AVX512, reason="the kernel computes the base linear itself on AVX-512 only")
+@pytest.mark.parametrize("T", [1, 3, 8, 32])
+@pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
+def test_no_adapter_keeps_the_kernels_base_linear(lists, T):
+    """A call that adds nothing (scale 0, or no expert chosen) computes the base linear the way a
+    call with an adapter does, so an adapter weighted by zero changes no bit of the output: the
+    same result for scale 0, k = 0 and all-zero gates (MKL's linear sums in another order)."""
+    load_cpu_kernels()
+    x, W, b, A, B, idx, g = make_case(T, 512, 1029, 8, 4, 2, dtype=torch.float32, seed=T)
+    impl = _lists_impl if lists else lora_moe_linear
+    zero_gates = impl(x, W, b, A, B, idx, torch.zeros_like(g), 2.0)
+    no_scale = impl(x, W, b, A, B, idx, g, 0.0)
+    no_expert = impl(x, W, b, A, B, idx[:, :0], g[:, :0], 2.0)
+    assert torch.equal(no_scale, zero_gates) and torch.equal(no_expert, zero_gates)
+    assert_close_to_reference(no_scale, reference(x, W, b, A, B, idx, g, 0.0), reduction=512)
+
+
 @pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
 def test_zero_outputs(lists):
     """out=0: an empty result (no row blocks to split), and a bad expert index still raises."""

@@ -301,6 +301,21 @@ void expand(const Factors<scalar_t>& f, const scalar_t* const* Bj, const acc_t* 
   }
 }
 
+// Chunks for `items` units of work holding `madds` multiply-adds in all: a second thread from
+// ~16K multiply-adds (a wake-up costs a few us): a decode token's adapter of the small model
+// (512x1376, k=2, r=8: 30K in all) stays on one thread, its base linear with it (700K) takes two.
+int64_t chunks_for(int64_t items, int64_t madds) {
+  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), items, madds / 16384}));
+}
+
+// fn(b0, b1) over [0, items) in `chunks` parts. An OpenMP region is never entered for one chunk:
+// even a one-thread region costs microseconds.
+template <typename Fn>
+void split(int64_t items, int64_t chunks, const Fn& fn) {
+  if (chunks == 1) return fn(0, items);
+  at::parallel_for(0, items, (items + chunks - 1) / chunks, fn);
+}
+
 // The base linear when the kernel computes it (fused_base): W's rows, their stride, the bias or null.
 struct Base {
   const float* W;
@@ -343,18 +358,6 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
     TORCH_CHECK(ip[n] >= 0 && ip[n] < E, "idx[", n / k, ", ", n % k, "] = ", ip[n], " is not an expert (E = ", E, ")");
   }
   if (out == 0) return;  // nothing to add (and no row blocks to divide)
-  // A phase gets a second thread from ~16K multiply-adds (a wake-up costs a few us): a decode
-  // token's adapter of the small model (512x1376, k=2, r=8: 30K in all) stays on one thread, its
-  // base linear with it (700K) takes two. An OpenMP region is never entered for one chunk: even
-  // a one-thread region costs microseconds.
-  const int64_t threads = at::get_num_threads();
-  auto chunks_for = [&](int64_t items, int64_t madds) {
-    return std::max<int64_t>(1, std::min<int64_t>({threads, items, madds / 16384}));
-  };
-  auto split = [](int64_t items, int64_t chunks, const auto& fn) {
-    if (chunks == 1) return fn(0, items);
-    at::parallel_for(0, items, (items + chunks - 1) / chunks, fn);
-  };
 
   std::vector<acc_t> h(pairs * r);
   std::vector<int64_t> order(pairs);
@@ -395,6 +398,25 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
     }
   });
 }
+
+#ifdef ADAFUSE_AVX512
+// The kernel's base linear alone, for a call that adds no adapter (no expert chosen, or scale 0):
+// the rows go in groups that start at multiples of 8, as in add_chosen_experts, so every output
+// is summed in the same order there and here, and an adapter weighted by zero changes no bit.
+at::Tensor base_only(const at::Tensor& x, const Base& base, int64_t out) {
+  const int64_t T = x.size(0), in = x.size(1);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({T, out}, x.options());
+  if (out == 0) return y;
+  const int64_t chunks = chunks_for(out / 8, T * in * out);
+  const int64_t block = ((out + chunks - 1) / chunks + 7) / 8 * 8, blocks = (out + block - 1) / block;
+  split(blocks, blocks, [&](int64_t b0, int64_t b1) {
+    base_rows(base.W, base.w_row, xc.const_data_ptr<float>(), T, in, base.b, b0 * block, std::min(out, b1 * block),
+              y.mutable_data_ptr<float>(), out);
+  });
+  return y;
+}
+#endif
 
 // Many (token, expert) pairs: every expert once through GEMMs, unchosen ones weighted by zero.
 void add_experts_dense(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
@@ -485,8 +507,9 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& idx, const at::Tensor& g, double scale, int64_t E, Stacked stacked,
                              Build factors) {
   const int64_t T = x.size(0), k = idx.size(1);
-  if (T == 0 || k == 0 || scale == 0.0) return at::linear(x, weight, bias);
-  if (use_gemms(T, k, E, x.scalar_type())) {  // prefill: stacking experts held one tensor each is paid once for many tokens
+  const bool adapter = k > 0 && scale != 0.0;
+  if (T == 0 || (!adapter && !fused_base(x, weight, bias))) return at::linear(x, weight, bias);
+  if (adapter && use_gemms(T, k, E, x.scalar_type())) {  // prefill: stacking experts held one tensor each is paid once for many tokens
     at::Tensor y = at::linear(x, weight, bias).contiguous();
     const auto [A, B] = stacked();
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
@@ -498,6 +521,9 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
   if (fused_base(x, weight, bias)) {
     base = Base{weight.const_data_ptr<float>(), weight.stride(0),
                 bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
+#ifdef ADAFUSE_AVX512
+    if (!adapter) return base_only(x, *base, weight.size(0));
+#endif
     y = at::empty({T, weight.size(0)}, x.options());
   } else {
     y = at::linear(x, weight, bias).contiguous();
