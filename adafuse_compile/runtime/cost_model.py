@@ -26,8 +26,9 @@ of the medium model's 56 sites (405 MB fp32, k=2, so up to 4 changed experts) is
 65 ms; measured 38-70 ms for 1-4 changed experts (benchmarks/bench_merge.py).
 
 One bandwidth prices both strategies' reads of W. On CPU that no longer holds for decode: the
-fused op's own base linear (float32, up to 32 tokens, AVX-512) streams W faster than the MKL
-linears a merged step runs (56 medium-model sites, 8 tokens: 0.69 of their time), so ``GAIN``
+fused op's own base linear (float32, AVX-512, up to 32 tokens on Intel's CPUs, 1024 on others)
+streams W faster than the MKL linears a merged step runs (56 medium-model sites, 8 tokens: 0.69
+of their time on the Intel VM; a third of it at one token on the AMD VM), so ``GAIN``
 overstates what merging wins there (measured, medium pre-gated model, batch 8: fused 0.77 of
 the backbone, merge 0.85, auto 0.87). Not refitted: that needs a per-strategy bandwidth
 measured per device.

@@ -42,6 +42,20 @@ case_params = st.fixed_dictionaries(
 )
 
 
+def _aten_base(W: torch.Tensor) -> torch.Tensor:
+    """W's values stored column-major: the C++ kernel leaves such a base linear to ATen on every
+    CPU, and then takes the GEMMs for the adapter from T*k >= 64E (float32), the loops below."""
+    return W.t().contiguous().t()
+
+
+# Token counts and W layouts that reach each float32 path of the C++ kernel on any CPU: its own
+# base linear with the loops (where AVX-512 is), ATen's base with the loops, ATen's base with the
+# GEMMs; and 128 tokens with W as it is (the kernel's base and the loops on AVX-512 CPUs other
+# than Intel's, the GEMMs on Intel's, see fused_base in the kernel).
+PATHS = pytest.mark.parametrize("T,aten_base", [(3, False), (40, True), (128, True), (128, False)],
+                                ids=["loops", "loops-aten-base", "gemm", "T128"])
+
+
 def _run_case(p, impl=lora_moe_linear):
     k = 1 + int(p["k_frac"] * (p["E"] - 1))
     args = make_case(
@@ -77,8 +91,9 @@ def test_cpu_kernel_is_built_with_openmp():
 @given(case_params)
 def test_matches_reference(p):
     # T in 0..64 with k <= E covers the C++ kernel's token loops, and its GEMM path in half
-    # precision (from T*k >= 8E) and in float32 with few experts (from T*k >= 64E; the fixed
-    # cases below take it with more).
+    # precision (from T*k >= 8E) and, on Intel's CPUs, in float32 with few experts (from T*k >=
+    # 64E; elsewhere the kernel's own base linear keeps these on the loops; the fixed cases
+    # below take the GEMMs on every CPU).
     load_cpu_kernels()
     _run_case(p)
 
@@ -99,8 +114,10 @@ def test_pure_torch_paths_match_reference(path, p):
     ids=["empty-T", "k==E", "E==1", "dense-gate-shared-A", "decode-shared-A", "gemm-path",
          "gemm-path-shared-A"],
 )
-def test_edge_cases(T, E, k, shared_A):
-    args = make_case(T, 37, 29, 5, E, k, dtype=torch.float32, shared_A=shared_A)
+@pytest.mark.parametrize("aten_base", [False, True], ids=["W", "W-column-major"])
+def test_edge_cases(T, E, k, shared_A, aten_base):
+    x, W, *rest = make_case(T, 37, 29, 5, E, k, dtype=torch.float32, shared_A=shared_A)
+    args = (x, _aten_base(W) if aten_base else W, *rest)
     assert_close_to_reference(lora_moe_linear(*args, 2.0), reference(*args, 2.0), reduction=37)
 
 
@@ -252,14 +269,15 @@ STACKED_LAYOUTS = ["contiguous", "transposed", "step2", "expanded"]
 LIST_LAYOUTS = ["contiguous", "transposed", "step2", "mixed"]
 
 
-@pytest.mark.parametrize("T", [3, 40, 128], ids=["loops", "loops-aten-base", "gemm"])
+@PATHS
 @pytest.mark.parametrize("r", [5, 8])
 @pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
 @pytest.mark.parametrize("b_layout", STACKED_LAYOUTS[:3])
 @pytest.mark.parametrize("a_layout", STACKED_LAYOUTS)
-def test_stacked_strided_factors(a_layout, b_layout, shared_A, r, T):
+def test_stacked_strided_factors(a_layout, b_layout, shared_A, r, T, aten_base):
     load_cpu_kernels()
     x, W, b, A, B, idx, g = make_case(T, 37, 29, r, 4, 2, dtype=torch.float32, shared_A=shared_A, seed=r + T)
+    W = _aten_base(W) if aten_base else W
     A_s, B_s = _layout(A, a_layout), _layout(B, b_layout)
     ref = reference(x, W, b, A_s, B_s, idx, g, 2.0)
     y = lora_moe_linear(x, W, b, A_s, B_s, idx, g, 2.0)
@@ -269,14 +287,15 @@ def test_stacked_strided_factors(a_layout, b_layout, shared_A, r, T):
     assert_close_to_reference(y, y_contig.double(), reduction=37)
 
 
-@pytest.mark.parametrize("T", [3, 40, 128], ids=["loops", "loops-aten-base", "gemm"])
+@PATHS
 @pytest.mark.parametrize("r", [5, 8])
 @pytest.mark.parametrize("shared_A", [False, True], ids=["own-A", "shared-A"])
 @pytest.mark.parametrize("b_layout", LIST_LAYOUTS)
 @pytest.mark.parametrize("a_layout", LIST_LAYOUTS)
-def test_lists_strided_factors(a_layout, b_layout, shared_A, r, T):
+def test_lists_strided_factors(a_layout, b_layout, shared_A, r, T, aten_base):
     load_cpu_kernels()
     x, W, b, A, B, idx, g = make_case(T, 37, 29, r, 4, 2, dtype=torch.float32, shared_A=shared_A, seed=r + T)
+    W = _aten_base(W) if aten_base else W
     As, Bs = _as_lists(A, B)
     As, Bs = _list_layout(As, a_layout), _list_layout(Bs, b_layout)
     y = lora_moe_linear_lists(x, W, b, As, Bs, idx, g, 2.0)
@@ -365,14 +384,15 @@ def test_thread_chunks_match_one_thread(lists, T, k, out):
         assert torch.equal(y1, y2)
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 9, 32, 33])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 9, 32, 33, 130, 1025])
 @pytest.mark.parametrize("weight", ["contiguous", "row slice", "transposed"])
 @pytest.mark.parametrize("bias", ["none", "contiguous", "strided"])
 @pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
 def test_base_linear_layouts(lists, bias, weight, T):
-    """The kernel computes the base linear itself for up to 32 float32 tokens with unit-stride
-    rows of W (a row slice of a wider matrix included: rows 53 floats apart), and leaves it to
-    ATen otherwise (W transposed, a strided bias, more tokens): every case against float64.
+    """The kernel computes the base linear itself for float32 tokens with unit-stride rows of W
+    (a row slice of a wider matrix included: rows 53 floats apart), up to 32 tokens on Intel's
+    CPUs and 1024 on others, and leaves it to ATen otherwise (W transposed, a strided bias, more
+    tokens): every case against float64.
     in=37 and out=29 exercise the masked tail of a row and the rows after the last full group."""
     load_cpu_kernels()
     x, W, b, A, B, idx, g = make_case(T, 37, 29, 8, 4, 2, dtype=torch.float32, seed=T)
@@ -424,11 +444,12 @@ def test_zero_outputs(lists):
 
 
 @pytest.mark.parametrize("bad", [4, -1, 100])
-@pytest.mark.parametrize("T", [2, 40], ids=["loops", "gemm"])
+@PATHS
 @pytest.mark.parametrize("lists", [False, True], ids=["stacked", "lists"])
-def test_out_of_range_expert_index_raises_on_every_path(lists, T, bad):
+def test_out_of_range_expert_index_raises_on_every_path(lists, T, aten_base, bad):
     load_cpu_kernels()
     x, W, b, A, B, idx, g = make_case(T, 16, 12, 4, 4, 2, dtype=torch.float32)
+    W = _aten_base(W) if aten_base else W
     idx[T - 1, 0] = bad
     impl = _lists_impl if lists else lora_moe_linear
     with pytest.raises((RuntimeError, IndexError), match="expert|index"):

@@ -33,6 +33,7 @@
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define ADAFUSE_AVX2 1
 #if defined(__AVX512F__)
@@ -472,15 +473,37 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 // (1024 / 2816) 1 token 1.06 vs 0.97, 8 tokens 1.07 vs 0.64, 16 tokens 1.10 vs 0.68. The
 // adapter's cost all but disappears into the pass over W (its rows follow W's in the same
 // stream, and y is written once), and for a few tokens the kernel streams W faster than MKL's
-// sgemm. Up to 32 tokens; more take ATen's linear, then the loops or the GEMMs (use_gemms).
-constexpr int64_t kFusedBaseMaxTokens = 32;
+// sgemm. Up to 32 tokens on Intel's CPUs, where more take ATen's linear, then the loops or the
+// GEMMs (use_gemms).
+//
+// On other CPUs up to 1024 tokens, the loops with it: MKL runs slower there. Measured on a 2-core
+// AMD EPYC (Zen 5, AVX-512, 32 MiB L3) VM, 2026-12-01, `bench_ops.py --model`, each site's
+// weights from memory: MKL's base linears alone against the kernel's (the op at scale 0), small
+// model 2855 vs 772 us at 1 token, 7567 vs 3411 at 32, 17247 vs 12925 at 128, 65252 vs 50459 at
+// 512; medium 100131 vs 55651 at 64, 990475 vs 853733 at 1024. The op with its adapter, the
+// kernel's base and loops against ATen's base and the GEMMs: small 8187 vs 13241 us at 64 tokens,
+// 29810 vs 43299 at 256, 56278 vs 79797 at 512; medium 219713 vs 339841 at 256, 927282 vs
+// 1100340 at 1024. Not measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's
+// speed at 24-32 on the small model), nor on other vendors' CPUs than this one.
+#ifdef ADAFUSE_AVX512
+bool intel_cpu() {
+  static const bool intel = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return true;
+    return ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;  // "Genu" "ineI" "ntel"
+  }();
+  return intel;
+}
+
+int64_t fused_base_max_tokens() { return intel_cpu() ? 32 : 1024; }
+#endif
 
 bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
 #ifdef ADAFUSE_AVX512
   const bool bias_ok = !(bias.has_value() && bias->defined()) ||
                        (bias->scalar_type() == at::kFloat && bias->stride(0) == 1);
   return x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.stride(1) == 1 &&
-         x.size(0) <= kFusedBaseMaxTokens && bias_ok;
+         x.size(0) <= fused_base_max_tokens() && bias_ok;
 #else
   return false;
 #endif
@@ -488,13 +511,16 @@ bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 // The loops do the chosen experts' arithmetic only; the GEMMs run every expert (E/k times the
 // arithmetic) at the CPU's GEMM speed. Measured with OpenMP threads (2026-12-01, E=8, k=2, r=8,
-// fp32, 2 threads, the op over ATen's linear alone, loops vs GEMMs, 7 rounds):
+// fp32, 2 threads, on the Intel VM, the op over ATen's linear alone, both with ATen's base linear,
+// loops vs GEMMs, 7 rounds):
 //   512x512    T=32 0.99 vs 1.55, T=64 1.48 vs 1.69, T=128 1.51 vs 1.71, T=256 1.48 vs 1.54, T=512 1.59 vs 1.50
 //   512x1376   T=32 0.99 vs 1.37, T=64 1.26 vs 1.37, T=128 1.34 vs 1.41, T=256 1.34 vs 1.34, T=512 1.35 vs 1.31
 //   1024x1024  T=32 0.94 vs 1.32, T=64 1.15 vs 1.28, T=128 1.17 vs 1.21, T=256 1.22 vs 1.25, T=512 1.22 vs 1.25
 //   1024x2816  T=32 0.78 vs 1.14, T=64 1.13 vs 1.19, T=128 1.13 vs 1.17, T=256 1.16 vs 1.17, T=512 1.17 vs 1.15
 // so GEMMs from T*k >= 64E (T=256 here). The switch was at T*k >= 8E (T=32) when the loops
-// ran on one thread (built without -fopenmp); other dtypes keep it (not measured again).
+// ran on one thread (built without -fopenmp); other dtypes keep it (not measured again). Where
+// the kernel computes the base linear itself (fused_base) the loops serve every token count it
+// takes (measured there).
 bool use_gemms(int64_t T, int64_t k, int64_t E, at::ScalarType dtype) {
   return T * k >= (dtype == at::kFloat ? 64 : 8) * E;
 }
@@ -507,9 +533,9 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& idx, const at::Tensor& g, double scale, int64_t E, Stacked stacked,
                              Build factors) {
   const int64_t T = x.size(0), k = idx.size(1);
-  const bool adapter = k > 0 && scale != 0.0;
-  if (T == 0 || (!adapter && !fused_base(x, weight, bias))) return at::linear(x, weight, bias);
-  if (adapter && use_gemms(T, k, E, x.scalar_type())) {  // prefill: stacking experts held one tensor each is paid once for many tokens
+  const bool adapter = k > 0 && scale != 0.0, own_base = fused_base(x, weight, bias);
+  if (T == 0 || (!adapter && !own_base)) return at::linear(x, weight, bias);
+  if (adapter && !own_base && use_gemms(T, k, E, x.scalar_type())) {  // prefill: stacking experts held one tensor each is paid once for many tokens
     at::Tensor y = at::linear(x, weight, bias).contiguous();
     const auto [A, B] = stacked();
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
@@ -518,7 +544,7 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
   // The loops: with the kernel's own base linear where it applies (float32 only), else after ATen's.
   std::optional<Base> base;
   at::Tensor y;
-  if (fused_base(x, weight, bias)) {
+  if (own_base) {
     base = Base{weight.const_data_ptr<float>(), weight.stride(0),
                 bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
 #ifdef ADAFUSE_AVX512
