@@ -86,7 +86,7 @@ def test_bench_ops_times_a_model_step_site_by_site():
     out = _run(ROOT / "benchmarks" / "bench_ops.py", "--model", "small", "--tokens", "1,2", "--rounds", "1", "--reps", "1")
     assert "the 28 adapted linears of the small model's step" in out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
-    assert [row[0] for row in rows] == ["1", "2"] and all(len(row) == 6 for row in rows)
+    assert [row[0] for row in rows] == ["1", "2"] and all(len(row) == 7 for row in rows)
     assert all(float(v) > 0 for row in rows for v in row[1:4])
 
 
