@@ -483,7 +483,10 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 // 512; medium 100131 vs 55651 at 64, 990475 vs 853733 at 1024. The op with its adapter, the
 // kernel's base and loops against ATen's base and the GEMMs: small 8187 vs 13241 us at 64 tokens,
 // 29810 vs 43299 at 256, 56278 vs 79797 at 512; medium 219713 vs 339841 at 256, 927282 vs
-// 1100340 at 1024. Not measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's
+// 1100340 at 1024. One site (in = out = 1024 unless said, three copies of W cycled, us per call):
+// E=8 k=2 r=64 T=256 3313 vs 5634, r=16 T=1024 8873 vs 12652, 4096x4096 r=16 T=64 9746 vs 15201;
+// dense adapters tie: E=k=4 r=64 T=256 3916 vs 4106, E=k=2 r=128 T=512 7702 vs 7781. Not
+// measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's
 // speed at 24-32 on the small model), nor on other vendors' CPUs than this one.
 #ifdef ADAFUSE_AVX512
 bool intel_cpu() {
