@@ -12,7 +12,8 @@ turn (the seven projections of each layer, each with its own weights), so each s
 come from memory as they do in a decode step. Reported per step: the base linears alone
 (``F.linear``, MKL), the op at scale 0 (the same call adding no adapter), the op, and per site
 the op's cost over the base linears and over itself at scale 0 (the adapter's own cost). For
-decode-sized calls (float32, AVX-512, up to 32 tokens) the C++ kernel computes the base linear
+decode-sized calls (float32 on AVX-512, up to 32 tokens on Intel's CPUs and 1024 on others,
+see fused_base in the kernel) the C++ kernel computes the base linear
 itself, at scale 0 too, and that can be faster than MKL's: "op - base" can then be negative.
 
     python benchmarks/bench_ops.py --model small [--tokens 1,8]

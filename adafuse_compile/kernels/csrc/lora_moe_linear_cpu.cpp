@@ -3,9 +3,9 @@
 //
 // Why C++: on the 2-core CPU every ATen call from Python costs ~4 us, and the adapter of one
 // decode token is ~10 such calls (~40-60 us) around ~128 KB of expert weights that take ~5 us to
-// read. Here the whole op is one dispatcher call: the base linear (for decode, float32 on AVX-512:
-// computed here, in the same pass over the output rows as the adapter; otherwise through ATen's
-// oneDNN/MKL), the chosen experts in plain loops over their rows, read in place wherever they
+// read. Here the whole op is one dispatcher call: the base linear (for decode, float32 on AVX-512,
+// and bfloat16 on AVX-512 CPUs other than Intel's: computed here, in the same pass over the output
+// rows as the adapter; otherwise through ATen's oneDNN/MKL), the chosen experts in plain loops over their rows, read in place wherever they
 // live (a stacked tensor, a transposed view of one, or one tensor per expert), never gathered or
 // stacked.
 //
@@ -38,6 +38,9 @@
 #define ADAFUSE_AVX2 1
 #if defined(__AVX512F__)
 #define ADAFUSE_AVX512 1
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ADAFUSE_AVX512_BF16 1  // bfloat16 rows widened to float32 (masked 16-bit loads)
+#endif
 #endif
 #endif
 
@@ -206,58 +209,80 @@ void expand_rows_avx2(const float* const* Bj, const float* h, int64_t k, int64_t
 #endif
 
 #ifdef ADAFUSE_AVX512
+// The types whose base linear the kernel computes itself: float32, and bfloat16 rows widened to
+// float32 (accumulated in float32, rounded once, as ATen's bfloat16 linear does).
+template <typename scalar_t>
+constexpr bool kOwnBase = std::is_same_v<scalar_t, float>
+#ifdef ADAFUSE_AVX512_BF16
+                          || std::is_same_v<scalar_t, at::BFloat16>
+#endif
+    ;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+#ifdef ADAFUSE_AVX512_BF16
+inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+inline __m512 load16(const at::BFloat16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+#endif
+
 // The base linear of rows [o0, o1) for TB tokens: y[t, o] = W[o] . x[t] + b[o], RB rows of W
 // streaming at once against TB tokens (RB * TB independent 16-lane accumulators, each reduced
 // once). The tail of `in` is a masked load. Prefetched meanwhile: the next RB rows, or for rows
-// of 4096 floats or more, the same rows 1 KB ahead. Measured (interleaved, 2 threads, E=8, k=2,
+// of 16 KB or more, the same rows 1 KB ahead. Measured (interleaved, 2 threads, E=8, k=2,
 // the op over a chain of sites, same-rows prefetch against next-rows): 7B shapes (4096x11008 x2,
-// 11008x4096, 4096x4096, r=16) 0.93 at 1 token and 0.86 at 8; applied from 2048 floats, the
+// 11008x4096, 4096x4096, r=16, float32) 0.93 at 1 token and 0.86 at 8; applied from 8 KB, the
 // medium model's chain 0.99 and 1.03, the small one's 1.00 and 1.01.
-template <int TB, int RB>
-void base_rows_tb(const float* W, int64_t w_row, const float* x, int64_t in, const float* b, int64_t o0, int64_t o1,
-                  float* y, int64_t out) {
+template <int TB, int RB, typename scalar_t>
+void base_rows_tb(const scalar_t* W, int64_t w_row, const scalar_t* x, int64_t in, const scalar_t* b, int64_t o0,
+                  int64_t o1, scalar_t* y, int64_t out) {
   const int64_t full = in / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1);
+  const bool long_rows = in * static_cast<int64_t>(sizeof(scalar_t)) >= 16384;
+  auto bias = [&](int64_t o) { return b ? static_cast<float>(b[o]) : 0.0f; };
   int64_t o = o0;
   for (; o + RB <= o1; o += RB) {
     __m512 acc[RB][TB];
     for (int rr = 0; rr < RB; ++rr) {
       for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_setzero_ps();
     }
-    const float* w0 = W + o * w_row;
-    const float* ahead = in >= 4096 ? w0 + 256 : w0 + RB * w_row;
+    const scalar_t* w0 = W + o * w_row;
+    const scalar_t* ahead = long_rows ? w0 + 1024 / sizeof(scalar_t) : w0 + RB * w_row;
     for (int64_t i = 0; i < full; i += 16) {
       __m512 xv[TB];
-      for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(x + t * in + i);
+      for (int t = 0; t < TB; ++t) xv[t] = load16(x + t * in + i);
       for (int rr = 0; rr < RB; ++rr) {
         _mm_prefetch(reinterpret_cast<const char*>(ahead + rr * w_row + i), _MM_HINT_T0);
-        const __m512 wv = _mm512_loadu_ps(w0 + rr * w_row + i);
+        const __m512 wv = load16(w0 + rr * w_row + i);
         for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_fmadd_ps(wv, xv[t], acc[rr][t]);
       }
     }
     if (tail) {
       __m512 xv[TB];
-      for (int t = 0; t < TB; ++t) xv[t] = _mm512_maskz_loadu_ps(tail, x + t * in + full);
+      for (int t = 0; t < TB; ++t) xv[t] = load16(x + t * in + full, tail);
       for (int rr = 0; rr < RB; ++rr) {
-        const __m512 wv = _mm512_maskz_loadu_ps(tail, w0 + rr * w_row + full);
+        const __m512 wv = load16(w0 + rr * w_row + full, tail);
         for (int t = 0; t < TB; ++t) acc[rr][t] = _mm512_fmadd_ps(wv, xv[t], acc[rr][t]);
       }
     }
     for (int t = 0; t < TB; ++t) {
-      for (int rr = 0; rr < RB; ++rr) y[t * out + o + rr] = _mm512_reduce_add_ps(acc[rr][t]) + (b ? b[o + rr] : 0.0f);
+      for (int rr = 0; rr < RB; ++rr) {
+        y[t * out + o + rr] = static_cast<scalar_t>(_mm512_reduce_add_ps(acc[rr][t]) + bias(o + rr));
+      }
     }
   }
   for (; o < o1; ++o) {
-    for (int t = 0; t < TB; ++t) y[t * out + o] = dot<float>(W + o * w_row, x + t * in, in) + (b ? b[o] : 0.0f);
+    for (int t = 0; t < TB; ++t) y[t * out + o] = static_cast<scalar_t>(dot<float>(W + o * w_row, x + t * in, in) + bias(o));
   }
 }
 
 // The base linear of rows [o0, o1) for all T tokens, four at a time.
-void base_rows(const float* W, int64_t w_row, const float* x, int64_t T, int64_t in, const float* b, int64_t o0,
-               int64_t o1, float* y, int64_t out) {
+template <typename scalar_t>
+void base_rows(const scalar_t* W, int64_t w_row, const scalar_t* x, int64_t T, int64_t in, const scalar_t* b,
+               int64_t o0, int64_t o1, scalar_t* y, int64_t out) {
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
-    const float* xt = x + t0 * in;
-    float* yt = y + t0 * out;
+    const scalar_t* xt = x + t0 * in;
+    scalar_t* yt = y + t0 * out;
     switch (std::min<int64_t>(4, T - t0)) {
       case 1: base_rows_tb<1, 8>(W, w_row, xt, in, b, o0, o1, yt, out); break;
       case 2: base_rows_tb<2, 4>(W, w_row, xt, in, b, o0, o1, yt, out); break;
@@ -318,10 +343,11 @@ void split(int64_t items, int64_t chunks, const Fn& fn) {
 }
 
 // The base linear when the kernel computes it (fused_base): W's rows, their stride, the bias or null.
+template <typename scalar_t>
 struct Base {
-  const float* W;
+  const scalar_t* W;
   int64_t w_row;
-  const float* b;
+  const scalar_t* b;
 };
 
 // y[t] += scale * sum_j g[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), in two phases; with
@@ -346,7 +372,7 @@ struct Base {
 // one thread in one order, so the result does not depend on the number of threads.
 template <typename scalar_t>
 void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t E, const at::Tensor& idx,
-                        const at::Tensor& g, double scale, at::Tensor& y, const Base* base = nullptr) {
+                        const at::Tensor& g, double scale, at::Tensor& y, const Base<scalar_t>* base = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), in = x.size(1), k = idx.size(1), out = y.size(1), r = f.r;
   const bool shared_A = f.A.size() == 1;
@@ -386,7 +412,7 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o0 = b * rows, n_rows = std::min(rows, out - o0);
 #ifdef ADAFUSE_AVX512
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (kOwnBase<scalar_t>) {
         if (base) base_rows(base->W, base->w_row, xp, T, in, base->b, o0, o0 + n_rows, yp, out);
       }
 #endif
@@ -404,18 +430,17 @@ void add_chosen_experts(const at::Tensor& x, const Factors<scalar_t>& f, int64_t
 // The kernel's base linear alone, for a call that adds no adapter (no expert chosen, or scale 0):
 // the rows go in groups that start at multiples of 8, as in add_chosen_experts, so every output
 // is summed in the same order there and here, and an adapter weighted by zero changes no bit.
-at::Tensor base_only(const at::Tensor& x, const Base& base, int64_t out) {
-  const int64_t T = x.size(0), in = x.size(1);
+template <typename scalar_t>
+void base_only(const at::Tensor& x, const Base<scalar_t>& base, at::Tensor& y) {
+  const int64_t T = x.size(0), in = x.size(1), out = y.size(1);
+  if (out == 0) return;
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({T, out}, x.options());
-  if (out == 0) return y;
   const int64_t chunks = chunks_for(out / 8, T * in * out);
   const int64_t block = ((out + chunks - 1) / chunks + 7) / 8 * 8, blocks = (out + block - 1) / block;
   split(blocks, blocks, [&](int64_t b0, int64_t b1) {
-    base_rows(base.W, base.w_row, xc.const_data_ptr<float>(), T, in, base.b, b0 * block, std::min(out, b1 * block),
-              y.mutable_data_ptr<float>(), out);
+    base_rows(base.W, base.w_row, xc.const_data_ptr<scalar_t>(), T, in, base.b, b0 * block,
+              std::min(out, b1 * block), y.mutable_data_ptr<scalar_t>(), out);
   });
-  return y;
 }
 #endif
 
@@ -485,9 +510,12 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 // 29810 vs 43299 at 256, 56278 vs 79797 at 512; medium 219713 vs 339841 at 256, 927282 vs
 // 1100340 at 1024. One site (in = out = 1024 unless said, three copies of W cycled, us per call):
 // E=8 k=2 r=64 T=256 3313 vs 5634, r=16 T=1024 8873 vs 12652, 4096x4096 r=16 T=64 9746 vs 15201;
-// dense adapters tie: E=k=4 r=64 T=256 3916 vs 4106, E=k=2 r=128 T=512 7702 vs 7781. Not
-// measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's
-// speed at 24-32 on the small model), nor on other vendors' CPUs than this one.
+// dense adapters tie: E=k=4 r=64 T=256 3916 vs 4106, E=k=2 r=128 T=512 7702 vs 7781. bfloat16
+// (its rows widened to float32 in registers) on the same VM: the small model's 28 base linears
+// 401-445 us at 1 token against 1104-1108 for ATen's (oneDNN), 863-903 against 1194-1206 at 8;
+// the op with its adapter 571-574 and 1375-1447 us, against 1569 and 2001 with ATen's base. Not
+// measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's speed at 24-32 on the
+// small model), nor in bfloat16 there, nor on other vendors' CPUs than this one.
 #ifdef ADAFUSE_AVX512
 bool intel_cpu() {
   static const bool intel = [] {
@@ -503,9 +531,15 @@ int64_t fused_base_max_tokens() { return intel_cpu() ? 32 : 1024; }
 
 bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
 #ifdef ADAFUSE_AVX512
+  const at::ScalarType dtype = x.scalar_type();
+#ifdef ADAFUSE_AVX512_BF16
+  const bool dtype_ok = dtype == at::kFloat || (dtype == at::kBFloat16 && !intel_cpu());
+#else
+  const bool dtype_ok = dtype == at::kFloat;
+#endif
   const bool bias_ok = !(bias.has_value() && bias->defined()) ||
-                       (bias->scalar_type() == at::kFloat && bias->stride(0) == 1);
-  return x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.stride(1) == 1 &&
+                       (bias->scalar_type() == dtype && bias->stride(0) == 1);
+  return dtype_ok && weight.scalar_type() == dtype && weight.stride(1) == 1 &&
          x.size(0) <= fused_base_max_tokens() && bias_ok;
 #else
   return false;
@@ -544,21 +578,20 @@ at::Tensor base_plus_experts(const at::Tensor& x, const at::Tensor& weight, cons
     add_experts_dense(x, A, B, idx, (g * scale).to(x.scalar_type()), y);
     return y;
   }
-  // The loops: with the kernel's own base linear where it applies (float32 only), else after ATen's.
-  std::optional<Base> base;
-  at::Tensor y;
-  if (own_base) {
-    base = Base{weight.const_data_ptr<float>(), weight.stride(0),
-                bias.has_value() && bias->defined() ? bias->const_data_ptr<float>() : nullptr};
-#ifdef ADAFUSE_AVX512
-    if (!adapter) return base_only(x, *base, weight.size(0));
-#endif
-    y = at::empty({T, weight.size(0)}, x.options());
-  } else {
-    y = at::linear(x, weight, bias).contiguous();
-  }
+  // The loops: with the kernel's own base linear where it applies, else after ATen's.
+  at::Tensor y = own_base ? at::empty({T, weight.size(0)}, x.options()) : at::linear(x, weight, bias).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_moe_linear_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    std::optional<Base<scalar_t>> base;
+    if (own_base) {
+      base = Base<scalar_t>{weight.const_data_ptr<scalar_t>(), weight.stride(0),
+                            bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>() : nullptr};
+    }
+#ifdef ADAFUSE_AVX512
+    if constexpr (kOwnBase<scalar_t>) {
+      if (!adapter) return base_only(x, *base, y);
+    }
+#endif
     add_chosen_experts<scalar_t>(x.contiguous(), factors.template operator()<scalar_t>(), E, idx.contiguous(),
                                  g.to(c10::CppTypeToScalarType<acc_t>::value).contiguous(), scale, y,
                                  base ? &*base : nullptr);
