@@ -5,9 +5,9 @@
 // decode token is ~10 such calls (~40-60 us) around ~128 KB of expert weights that take ~5 us to
 // read. Here the whole op is one dispatcher call: the base linear (for decode, float32 on AVX-512,
 // and bfloat16 on AVX-512 CPUs other than Intel's: computed here, in the same pass over the output
-// rows as the adapter; otherwise through ATen's oneDNN/MKL), the chosen experts in plain loops over their rows, read in place wherever they
-// live (a stacked tensor, a transposed view of one, or one tensor per expert), never gathered or
-// stacked.
+// rows as the adapter; otherwise through ATen's oneDNN/MKL), the chosen experts in plain loops
+// over their rows, read in place wherever they live (a stacked tensor, a transposed view of one,
+// or one tensor per expert), never gathered or stacked.
 //
 // Definition and shapes: adafuse_compile/kernels/reference.py. x [T, in], weight [out, in],
 // bias [out] or undefined, A [E or 1, r, in], B [E, out, r] (or lists of [r, in] / [out, r]),
@@ -487,8 +487,8 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 }
 
 // Whether the kernel computes the base linear itself, in its pass over the output rows (each block
-// of W's rows, then the same rows of the chosen experts' B), instead of MKL before it: float32,
-// unit-stride rows, a few tokens (decode) on a CPU with AVX-512.
+// of W's rows, then the same rows of the chosen experts' B), instead of MKL before it: float32
+// (and bfloat16, below), unit-stride rows, a few tokens (decode) on a CPU with AVX-512.
 //
 // Measured (the 28 adapted linears of a model's step in turn, cold weights, E=8, k=2, r=8, fp32,
 // 2 threads, interleaved rounds; `benchmarks/bench_ops.py --model` times the op this way), the op
