@@ -44,7 +44,7 @@ case_params = st.fixed_dictionaries(
 
 def _aten_base(W: torch.Tensor) -> torch.Tensor:
     """W's values stored column-major: the C++ kernel leaves such a base linear to ATen on every
-    CPU, and then takes the GEMMs for the adapter from T*k >= 64E (float32), the loops below."""
+    CPU, and then adds the adapter with the GEMMs from T*k >= 64E (float32), with the loops below."""
     return W.t().contiguous().t()
 
 
