@@ -395,7 +395,7 @@ def test_thread_chunks_match_one_thread(lists, T, k, out):
 def test_base_linear_layouts(dtype, lists, bias, weight, T):
     """The kernel computes the base linear itself for float32 tokens with unit-stride rows of W
     (a row slice of a wider matrix included: rows 53 elements apart), up to 32 tokens on Intel's
-    CPUs and 1024 on others, bfloat16 ones on the others only, and leaves it to ATen otherwise (W
+    CPUs and 1024 on others, up to 12 bfloat16 tokens on the others, and leaves it to ATen otherwise (W
     transposed, a strided bias, more tokens): every case against float64. in=37 and out=29
     exercise the masked tail of a row and the rows after the last full group."""
     load_cpu_kernels()

@@ -513,7 +513,10 @@ void check_factors(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRe
 // dense adapters tie: E=k=4 r=64 T=256 3916 vs 4106, E=k=2 r=128 T=512 7702 vs 7781. bfloat16
 // (its rows widened to float32 in registers) on the same VM: the small model's 28 base linears
 // 401-445 us at 1 token against 1104-1108 for ATen's (oneDNN), 863-903 against 1194-1206 at 8;
-// the op with its adapter 571-574 and 1375-1447 us, against 1569 and 2001 with ATen's base. Not
+// the op with its adapter 571-574 and 1375-1447 us, against 1569 and 2001 with ATen's base; the
+// base linears alone at 12 tokens 1158 vs 1328, at 16 1450 vs 1381, at 32 2645 vs 1854, and one
+// 1024x1024 site with its adapter, kernel's base and loops against ATen's base and the GEMMs, 1857
+// vs 832 us at 256 tokens: so bfloat16 up to 12 tokens (its loops are not the float32 ones). Not
 // measured on Intel's CPUs beyond 32 tokens (the kernel was at about MKL's speed at 24-32 on the
 // small model), nor in bfloat16 there, nor on other vendors' CPUs than this one.
 #ifdef ADAFUSE_AVX512
@@ -526,21 +529,24 @@ bool intel_cpu() {
   return intel;
 }
 
-int64_t fused_base_max_tokens() { return intel_cpu() ? 32 : 1024; }
+// The most tokens the kernel's own base linear serves for this dtype on this CPU (0: none).
+int64_t fused_base_max_tokens(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return intel_cpu() ? 32 : 1024;
+#ifdef ADAFUSE_AVX512_BF16
+  if (dtype == at::kBFloat16) return intel_cpu() ? 0 : 12;
+#endif
+  return 0;
+}
 #endif
 
 bool fused_base(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
 #ifdef ADAFUSE_AVX512
   const at::ScalarType dtype = x.scalar_type();
-#ifdef ADAFUSE_AVX512_BF16
-  const bool dtype_ok = dtype == at::kFloat || (dtype == at::kBFloat16 && !intel_cpu());
-#else
-  const bool dtype_ok = dtype == at::kFloat;
-#endif
   const bool bias_ok = !(bias.has_value() && bias->defined()) ||
                        (bias->scalar_type() == dtype && bias->stride(0) == 1);
-  return dtype_ok && weight.scalar_type() == dtype && weight.stride(1) == 1 &&
-         x.size(0) <= fused_base_max_tokens() && bias_ok;
+  const int64_t max_tokens = fused_base_max_tokens(dtype);
+  return max_tokens > 0 && weight.scalar_type() == dtype && weight.stride(1) == 1 && x.size(0) <= max_tokens &&
+         bias_ok;
 #else
   return false;
 #endif
